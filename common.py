@@ -1,0 +1,308 @@
+"""Meters and data helpers shared by every script. Nothing here knows about DDP or a method.
+
+Meters: `AverageMeter`, `ProgressMeter` (the official MoCo progress lines) and `accuracy`.
+Data: `build_dataset` (`--data`), `build_loader` (DistributedSampler + set_epoch), the multi-view
+transform, the augmentation ops torchvision lacks in the papers' exact form, colour conversions
+for CMC, and the built-in `synthetic` dataset.
+"""
+import math
+import os
+import random
+
+import torch
+import torchvision.datasets as datasets
+import torchvision.transforms as transforms
+from PIL import Image, ImageFilter
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+# ----------------------------------------------------------------------------------------- meters
+class AverageMeter:
+    """Running average. Accepts tensors and keeps them on their device: nothing is copied to the
+    host until the value is printed, so updating a meter every step costs no device sync."""
+
+    def __init__(self, name: str, fmt: str = ":f"):
+        self.name, self.fmt = name, fmt
+        self.reset()
+
+    def reset(self):
+        self.val, self.sum, self.count = 0.0, 0.0, 0
+
+    def update(self, val, n: int = 1):
+        val = val.detach() if torch.is_tensor(val) else val
+        self.val = val
+        self.sum = self.sum + val * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return float(self.sum) / max(self.count, 1)
+
+    def __str__(self):
+        return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(
+            name=self.name, val=float(self.val), avg=self.avg)
+
+
+class ProgressMeter:
+    def __init__(self, num_batches: int, meters, prefix: str = ""):
+        digits = len(str(num_batches))
+        self.batch_fmt = "[{:" + str(digits) + "d}/" + str(num_batches) + "]"
+        self.meters, self.prefix = meters, prefix
+
+    def display(self, batch: int):
+        print("\t".join([self.prefix + self.batch_fmt.format(batch)] + [str(m) for m in self.meters]),
+              flush=True)
+
+
+@torch.no_grad()
+def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)):
+    """Top-k accuracy in percent, as 1-element tensors (no host sync)."""
+    maxk = min(max(topk), output.shape[1])
+    pred = output.topk(maxk, 1, True, True).indices.t()  # maxk×N
+    correct = pred.eq(target.view(1, -1))
+    return [correct[:min(k, maxk)].any(0).float().mean() * 100 for k in topk]
+
+
+# ------------------------------------------------------------------------------ augmentation ops
+class MultiView:
+    """n augmented views of one image: `MultiView([t, t])` (MoCo, SimCLR) or `MultiView([t1, t2])`
+    (BYOL's asymmetric pair)."""
+
+    def __init__(self, views):
+        self.views = list(views)
+
+    def __call__(self, x):
+        return [t(x) for t in self.views]
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with σ drawn uniformly from `sigma` per image (SimCLR App. A; MoCo v2).
+    The kernel is PIL's (≈3σ wide), so it does not depend on the image size."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+class Solarize:
+    """BYOL Table 6: x ↦ x if x < 0.5 else 1 − x, on PIL images (threshold 128 of 255)."""
+
+    def __call__(self, img):
+        return img.point(lambda v: v if v < 128 else 255 - v)
+
+
+def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1], shape 3×H×W (or B×3×H×W) → CIE L*a*b* (D65): L in [0, 100], a, b in ≈[−110, 110]."""
+    c = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)  # linearise sRGB
+    m = torch.tensor([[0.412453, 0.357580, 0.180423],
+                      [0.212671, 0.715160, 0.072169],
+                      [0.019334, 0.119193, 0.950227]], dtype=rgb.dtype, device=rgb.device)
+    xyz = torch.einsum("ij,...jhw->...ihw", m, c)
+    white = torch.tensor([0.950456, 1.0, 1.088754], dtype=rgb.dtype, device=rgb.device).view(3, 1, 1)
+    t = xyz / white
+    f = torch.where(t > 0.008856, t.clamp(min=1e-12) ** (1 / 3), 7.787 * t + 16 / 116)
+    fx, fy, fz = f.unbind(-3)
+    L = 116 * fy - 16
+    return torch.stack([L, 500 * (fx - fy), 200 * (fy - fz)], dim=-3)
+
+
+def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] → YCbCr (ITU-R BT.601, full range, scaled to [0, 255] like PIL's)."""
+    r, g, b = (rgb * 255).unbind(-3)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    return torch.stack([y, cb, cr], dim=-3)
+
+
+class ToColorSpace:
+    """CMC (Sec. 4.1): tensor RGB in [0, 1] → normalised Lab or YCbCr, channels [L|ab] or [Y|CbCr]."""
+
+    # Per-channel mean/std that put each channel in roughly [−1, 1].
+    STATS = {"Lab": ((50.0, 0.0, 0.0), (50.0, 110.0, 110.0)),
+             "YCbCr": ((128.0, 128.0, 128.0), (128.0, 128.0, 128.0))}
+
+    def __init__(self, view: str = "Lab"):
+        self.view = view
+        self.convert = rgb_to_lab if view == "Lab" else rgb_to_ycbcr
+        mean, std = self.STATS[view]
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, rgb: torch.Tensor) -> torch.Tensor:
+        return (self.convert(rgb) - self.mean.to(rgb)) / self.std.to(rgb)
+
+
+# ---------------------------------------------------------------------------------------- datasets
+class DataError(Exception):
+    """A data problem the user must fix (missing folder, unreadable image): scripts turn it into a
+    one-line exit message."""
+
+
+def data_error_message(err: Exception) -> str:
+    """The one-line message of a DataError, also when a DataLoader worker re-raised it with its traceback."""
+    return str(err).strip().splitlines()[-1].split("DataError: ")[-1]
+
+
+def load_image(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as err:  # any PIL or OS failure is the same problem for the user
+        raise DataError(f"cannot read image '{path}': {err}") from None
+
+
+class SyntheticTextures(torch.utils.data.Dataset):
+    """`--data synthetic`: 10 texture classes, generated from a seed, no files.
+
+    Design. A class is a *texture* — the spatial arrangement of a pattern that fills the whole
+    image — so it survives every crop the methods take, and any two crops of one image share it
+    (what contrastive learning can exploit). Everything the augmentations perturb is a nuisance
+    drawn at random per image and carries no class information: the two colours (hue, brightness,
+    contrast; colour jitter and grayscale), the period (3–8 px at 32 px; scale crops), the phase
+    and a ±12° rotation (crop position; only flip-symmetric classes, so flipping is harmless), a
+    smooth illumination gradient and pixel noise. The classes:
+      0 horizontal stripes   1 vertical stripes   2 checkerboard   3 diamond checkerboard (45°)
+      4 dots                 5 grid lines         6 concentric rings  7 plaid (thick + thin bars)
+      8 zig-zag stripes      9 smooth blobs
+    Some pairs are close (stripes vs zig-zag, checker vs diamond under rotation noise, dots vs
+    blobs), so a random encoder's linear probe is well below a trained one, yet a ResNet-18 learns
+    them in minutes on a CPU. Earlier design, measured: shapes with random colour/position/scale
+    gave 16–19 % from random init and barely more after training — a class defined by one object
+    is destroyed by 0.2-scale crops.
+
+    `--data synthetic` has 5000 train / 1000 val images; `synthetic:N` has N train and N/5 val.
+    """
+
+    classes = ["horizontal stripes", "vertical stripes", "checkerboard", "diamond checkerboard", "dots",
+               "grid lines", "concentric rings", "plaid", "zig-zag stripes", "smooth blobs"]
+    num_classes = len(classes)
+
+    def __init__(self, size: int = 5000, split: str = "train", image_size: int = 32,
+                 transform=None, seed: int = 0):
+        self.transform = transform
+        g = torch.Generator().manual_seed(seed * 2 + (split != "train"))
+        self.targets = torch.arange(size) % self.num_classes  # balanced classes
+        self.targets = self.targets[torch.randperm(size, generator=g)]
+        images = [self._render(self.targets[i:i + 500], image_size, g) for i in range(0, size, 500)]
+        self.images = torch.cat(images)  # N×H×W×3 uint8, rendered once (~3 kB an image at 32 px)
+
+    @staticmethod
+    def _render(labels: torch.Tensor, s: int, g: torch.Generator) -> torch.Tensor:
+        n = len(labels)
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=g)
+
+        coords = torch.arange(s, dtype=torch.float32)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")  # H×W
+        theta = (rand(n) - 0.5) * math.radians(24)
+        cos, sin = theta.cos().view(n, 1, 1), theta.sin().view(n, 1, 1)
+        u = cos * xx + sin * yy  # n×H×W, rotated coordinates
+        v = -sin * xx + cos * yy
+        period = (3 + 5 * rand(n)).view(n, 1, 1) * (s / 32)
+        pu, pv = rand(n, 1, 1) * period, rand(n, 1, 1) * period  # random phase
+
+        def wave(t):  # square wave in {0, 1} with the image's period
+            return ((t / period).frac() < 0.5).float()
+
+        def tri(t):  # triangle wave in [0, 1]
+            return 1 - 2 * ((t / period).frac() - 0.5).abs()
+
+        U, V = u + pu, v + pv
+        cy, cx = s * rand(n, 1, 1), s * rand(n, 1, 1)
+        r = ((xx - cx) ** 2 + (yy - cy) ** 2).sqrt()
+        near = lambda t, w: ((t / period).frac() < w).float()  # noqa: E731
+        blobs = torch.nn.functional.interpolate(torch.randn(n, 1, 5, 5, generator=g), size=(s, s),
+                                                mode="bicubic", align_corners=False)[:, 0]
+        patterns = torch.stack([
+            wave(V),                                            # 0 horizontal stripes
+            wave(U),                                            # 1 vertical stripes
+            (wave(U) != wave(V)).float(),                       # 2 checkerboard
+            (wave((U + V) / 1.4142) != wave((U - V) / 1.4142)).float(),  # 3 diamond checkerboard
+            ((tri(U) * tri(V)) > 0.55).float(),                 # 4 dots
+            torch.maximum(near(U, 0.25), near(V, 0.25)),        # 5 grid lines
+            wave(r + pu),                                       # 6 concentric rings
+            torch.maximum(wave(U * 0.5), near(V, 0.2)),         # 7 plaid
+            wave(V + period * 0.5 * tri(U * 0.7)),              # 8 zig-zag stripes
+            (blobs > 0).float(),                                # 9 smooth blobs
+        ], 1)  # n×10×H×W
+        p = patterns[torch.arange(n), labels].unsqueeze(-1)  # n×H×W×1 in {0, 1}
+        c1, c2 = rand(n, 1, 1, 3), rand(n, 1, 1, 3)
+        c2 = c1 + (c2 - c1) * (0.35 + 0.65 * rand(n, 1, 1, 1))  # contrast varies, never zero
+        img = c1 + (c2 - c1) * p
+        light = 0.75 + 0.5 * (rand(n, 1, 1, 1) * xx.unsqueeze(-1) / s)  # illumination gradient
+        img = img * light + 0.04 * torch.randn(n, s, s, 3, generator=g)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index].numpy())
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.targets[index])
+
+
+class WithIndex(torch.utils.data.Dataset):
+    """(image, target, index): memory banks (InsDis, CMC) and kNN need the sample's index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        img, target = self.dataset[index]
+        return img, target, index
+
+
+def default_image_size(data: str) -> int:
+    name = data.split(":")[0]
+    return {"synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}.get(name, 224)
+
+
+def build_dataset(data: str, split: str, transform, data_root: str = "./data",
+                  return_index: bool = False):
+    """`--data` → dataset. split: "pretrain" (STL-10 adds its unlabelled images), "train" or "val".
+
+    An image folder is `ROOT/train/CLASS/*` + `ROOT/val/CLASS/*`, or `ROOT/CLASS/*` (train only)."""
+    name, _, arg = data.partition(":")
+    if name == "synthetic":
+        size = int(arg) if arg else 5000
+        n = size if split != "val" else max(size // 5, SyntheticTextures.num_classes)
+        dataset = SyntheticTextures(n, "val" if split == "val" else "train", transform=transform)
+    elif name in ("cifar10", "cifar100"):
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        dataset = cls(data_root, train=split != "val", transform=transform, download=True)
+    elif name == "stl10":
+        stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+        dataset = datasets.STL10(data_root, split=stl_split, transform=transform, download=True)
+    else:
+        if not os.path.isdir(data):
+            raise DataError(f"data folder '{data}' does not exist")
+        has_splits = os.path.isdir(os.path.join(data, "train"))
+        if split == "val" and not os.path.isdir(os.path.join(data, "val")):
+            raise DataError(f"data folder '{data}' has no val/ folder for evaluation")
+        root = os.path.join(data, "val" if split == "val" else "train") if has_splits else data
+        try:
+            dataset = datasets.ImageFolder(root, transform=transform, loader=load_image)
+        except (FileNotFoundError, RuntimeError) as err:  # no class folder / no image in them
+            raise DataError(f"data folder '{root}' holds no images: {err}") from None
+    return WithIndex(dataset) if return_index else dataset
+
+
+def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: int,
+                 train: bool = True, seed: int = 0):
+    """DataLoader over this process's shard. One process is world size 1 of the same code path:
+    call `loader.sampler.set_epoch(epoch)` every epoch to reshuffle. `batch_size` is per process."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                  shuffle=train, seed=seed, drop_last=train)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       drop_last=train, persistent_workers=False)

@@ -1,0 +1,485 @@
+"""Linear evaluation (and kNN) of a frozen pre-trained ResNet.
+
+The protocol of MoCo (He et al. 2020, Sec. 4.1, after Zhang et al. 2016 / Wu et al. 2018): freeze
+the backbone with BN in eval mode, train one new linear layer on its pooled features with
+augmented images, report top-1/top-5 on the validation split. `--protocol simsiam` switches to
+SimSiam's (Chen & He 2021, App. A): LARS, lr 0.02 × batch/256, batch 4096, 90 epochs, cosine.
+`--knn` trains nothing: a weighted kNN on L2-normalised features (Wu et al. 2018, Sec. 3.4).
+
+Checkpoints: any of ours (the method is read from the keys), official MoCo v1/v2
+(`module.encoder_q.`), SimSiam (`module.encoder.`), MoCo v3 (`module.base_encoder.`), or a plain
+torchvision ResNet state_dict. Without --pretrained the backbone is randomly initialised: the
+baseline every pre-training must beat.
+
+    python linear_eval.py --data synthetic -a resnet18 --pretrained runs/moco/checkpoint.pth.tar --epochs 10 -b 256
+    torchrun --nproc_per_node=4 linear_eval.py --data /imagenet --pretrained checkpoint.pth.tar
+    torchrun --nproc_per_node=4 linear_eval.py --data /imagenet --pretrained simsiam.pth.tar --protocol simsiam
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as models
+import torchvision.transforms as transforms
+
+import common
+
+PROG = "linear_eval.py"
+PROTOCOLS = {  # defaults per protocol; explicit flags win
+    "moco": dict(lr=30.0, batch_size=256, epochs=100, wd=0.0, optimizer="sgd", cos=False, schedule=[60, 80]),
+    "simsiam": dict(lr=0.02, batch_size=4096, epochs=90, wd=0.0, optimizer="lars", cos=True, schedule=[]),
+}
+# Key prefixes of a backbone in known checkpoint layouts; the first that holds `conv1.weight` wins.
+LAYOUTS = [("module.encoder_q.", "MoCo v1/v2 (ours or official)"),
+           ("module.base_encoder.", "MoCo v3 ResNet (official)"),
+           ("module.encoder.", "SimSiam (ours or official), SimCLR, BYOL, InsDis"),
+           ("", "torchvision ResNet state_dict")]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="linear probe / kNN of a frozen backbone")
+    group = parser.add_argument_group("data")  # SCAFFOLD
+    group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
+    group.add_argument("--data", help="image folder with train/ and val/, or synthetic[:N], cifar10, cifar100, stl10")
+    group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
+    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", default=None, help="torchvision ResNet (default: the checkpoint's, else resnet50)")
+    group.add_argument("--pretrained", default="", help="checkpoint to evaluate; none = random init")
+    group.add_argument("--knn", action="store_true", help="weighted kNN instead of a linear layer")
+    group.add_argument("--knn-k", type=int, default=200)
+    group.add_argument("--knn-t", type=float, default=0.07)
+    group.add_argument("--export", default="", help="write the backbone as a torchvision state_dict here and exit")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--protocol", choices=PROTOCOLS, default="moco", help="sets the defaults below")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("-b", "--batch-size", type=int, help="global batch over all processes")
+    group.add_argument("--lr", "--learning-rate", type=float, help="lr (simsiam protocol: for batch 256, scaled)")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--wd", "--weight-decay", type=float)
+    group.add_argument("--schedule", type=int, nargs="*", help="lr ×0.1 at these epochs")
+    group.add_argument("--cos", action="store_true", default=None, help="cosine lr schedule")
+    group = parser.add_argument_group("run")  # SCAFFOLD
+    group.add_argument("--output-dir", default="./runs/linear")
+    group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
+    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
+    group.add_argument("-p", "--print-freq", type=int, default=10)
+    for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
+        group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data = args.data or args.data_pos
+    if not args.data:
+        parser.error("--data is required")
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    for key, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+class GoneFlag(argparse.Action):  # SCAFFOLD
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+class Backbone(nn.Module):
+    """A ResNet without its fc; CMC's two encoders (L and ab, or Y and CbCr) side by side, their
+    features concatenated (CMC Sec. 4.1). Its input is what `eval_transform` produces."""
+
+    def __init__(self, arch: str, cmc_view: str = ""):
+        super().__init__()
+        self.cmc_view = cmc_view
+        if cmc_view:
+            self.encoder_l, self.encoder_ab = resnet(arch, 1), resnet(arch, 2)
+        else:
+            self.encoder = resnet(arch, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cmc_view:
+            return torch.cat([self.encoder_l(x[:, :1]), self.encoder_ab(x[:, 1:])], dim=1)
+        return self.encoder(x)
+
+
+def resnet(arch: str, in_channels: int) -> nn.Module:
+    if arch not in models.list_models(module=models) or not arch.startswith(("resnet", "wide_resnet", "resnext")):
+        fail(f"-a {arch} is not a torchvision ResNet")
+    net = models.__dict__[arch]()
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    return net
+
+
+def load_backbone(path: str, arch: str, is_main: bool):
+    """Reads a checkpoint (tensors only), finds the backbone by its key prefix, drops the heads.
+    Returns the backbone and the state it was loaded from (for the sanity check)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        fail(f"--pretrained: no checkpoint at '{path}'")
+    except Exception as err:  # pickled code, or not a torch file
+        fail(f"cannot read '{path}' as a tensors-only checkpoint: {str(err).strip().splitlines()[0]}")
+    if not isinstance(ckpt, dict):
+        fail(f"'{path}' holds a {type(ckpt).__name__}, not a checkpoint dict")
+    state = ckpt.get("state_dict", ckpt)
+    arch = arch or ckpt.get("arch") or "resnet50"
+    if "module.encoder_l.conv1.weight" in state:  # CMC: two encoders, one per view
+        cmc_view = ckpt.get("args", {}).get("view", "Lab")
+        layout, renames = f"CMC ({cmc_view})", [("module.encoder_l.", "encoder_l."), ("module.encoder_ab.", "encoder_ab.")]
+    else:
+        found = [(prefix, name) for prefix, name in LAYOUTS if prefix + "conv1.weight" in state]
+        if not found:
+            fail(f"'{path}' has no known backbone layout; first keys: {', '.join(list(state)[:4])}")
+        cmc_view, (prefix, layout) = "", found[0]
+        renames = [(prefix, "encoder.")]
+    used, backbone_state = set(), {}
+    for key, value in state.items():
+        for prefix, new in renames:
+            if key.startswith(prefix) and not key[len(prefix):].startswith("fc."):  # fc = the head
+                backbone_state[new + key[len(prefix):]] = value
+                used.add(key)
+    ignored = [k for k in state if k not in used]
+    backbone = Backbone(arch, cmc_view)
+    try:
+        backbone.load_state_dict(backbone_state)
+    except RuntimeError as err:
+        fail(f"'{path}' ({layout}) does not fit -a {arch}: {' '.join(str(err).split())[:300]}")
+    if is_main:
+        print(f"=> loaded '{path}': {layout}, arch {arch}; used {len(used)} keys "
+              f"({', '.join(p for p, _ in renames) or 'no prefix'}), ignored {len(ignored)}: "
+              f"{summarise(ignored)}", flush=True)
+    return backbone, {k: v.clone() for k, v in backbone.state_dict().items()}
+
+
+def summarise(keys) -> str:
+    """Ignored keys grouped by their first two name parts: 'module.encoder_k.* (320)'."""
+    groups = {}
+    for key in keys:
+        group = ".".join(key.split(".")[:2]) + ".*" if key.count(".") >= 2 else key
+        groups[group] = groups.get(group, 0) + 1
+    return ", ".join(f"{g} ({n})" for g, n in groups.items()) or "none"
+
+
+def sanity_check(backbone: nn.Module, reference: dict):
+    """MoCo's main_lincls check: after training the probe the frozen backbone is bit-identical
+    to the checkpoint (weights and BN statistics)."""
+    for key, value in backbone.state_dict().items():
+        if not torch.equal(value.cpu(), reference[key].cpu()):
+            fail(f"sanity check failed: backbone tensor '{key}' changed during linear evaluation")
+
+
+def train_transform(args, cmc_view: str):
+    return transforms.Compose([transforms.RandomResizedCrop(args.image_size),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                               common.ToColorSpace(cmc_view) if cmc_view else common.normalize])
+
+
+def eval_transform(args, cmc_view: str):
+    return transforms.Compose([transforms.Resize(round(args.image_size / 0.875)),
+                               transforms.CenterCrop(args.image_size), transforms.ToTensor(),
+                               common.ToColorSpace(cmc_view) if cmc_view else common.normalize])
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader, device, n: int):
+    """Features (n×d) and labels of a whole dataset. Each rank embeds its shard; all-gathered
+    (index, feature) pairs fill the table, so every rank ends with the same full table."""
+    feats, labels = None, torch.zeros(n, dtype=torch.long, device=device)
+    for images, target, index in loader:
+        f = backbone(images.to(device, non_blocking=True))
+        if feats is None:
+            feats = torch.zeros(n, f.shape[1], device=device)
+        index = concat_all_gather(index.to(device))
+        feats[index] = concat_all_gather(f)
+        labels[index] = concat_all_gather(target.to(device))
+    return feats, labels
+
+
+@torch.no_grad()
+def knn_classify(feats: torch.Tensor, train_feats: torch.Tensor, train_labels: torch.Tensor,
+                 num_classes: int, k: int = 200, T: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Wu et al. 2018, Sec. 3.4: the k most cosine-similar training features vote for their class
+    with weight exp(s_i/T). Inputs L2-normalised. Returns class scores, n×num_classes."""
+    k = min(k, train_feats.shape[0])
+    scores = []
+    for start in range(0, feats.shape[0], chunk):  # chunks of queries bound the n×N similarity matrix
+        sim, idx = (feats[start:start + chunk] @ train_feats.t()).topk(k, dim=1)  # chunk×k
+        votes = torch.zeros(sim.shape[0], num_classes, device=feats.device)
+        scores.append(votes.scatter_add_(1, train_labels[idx], (sim / T).exp()))
+    return torch.cat(scores)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with momentum. Parameters in a group with
+    `lars_exclude=True` (biases and BN, SimCLR App. B.1) get plain SGD with momentum and no weight
+    decay. Fused over the parameters: no per-parameter Python loop on the device."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # g + λw
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                # local lr η·‖w‖/‖g + λw‖, 1 where either norm is 0 (Alg. 1)
+                trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                    group["trust_coefficient"] * w_norm / g_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            bufs = []
+            for p, g in zip(params, grads):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def adjust_learning_rate(optimizer, epoch: int, args):
+    """Per epoch: cosine, or ×0.1 at each --schedule milestone."""
+    if args.cos:
+        lr = args.init_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    else:
+        lr = args.init_lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_one_epoch(loader, backbone, classifier, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+    batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
+    losses = common.AverageMeter("Loss", ":.4e")
+    top1, top5 = common.AverageMeter("Acc@1", ":6.2f"), common.AverageMeter("Acc@5", ":6.2f")
+    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, top1, top5],
+                                    prefix=f"Epoch: [{epoch}]")
+    backbone.eval()  # frozen, BN statistics fixed
+    end = time.time()
+    for i, (images, target) in enumerate(loader):
+        data_time.update(time.time() - end)
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with torch.no_grad():
+            feats = backbone(images)
+        output = classifier(feats)
+        loss = F.cross_entropy(output, target)
+        acc1, acc5 = common.accuracy(output, target, topk=(1, 5))
+        losses.update(loss, images.shape[0]), top1.update(acc1, images.shape[0]), top5.update(acc5, images.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0 or i == len(loader) - 1:
+            check_finite(losses, epoch, i, args)
+            if is_main:
+                progress.display(i)
+    return {"epoch": epoch, "loss": losses.avg, "train_acc1": top1.avg, "lr": optimizer.param_groups[0]["lr"]}
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient, rank order; the input itself when there is no process group."""
+    if not dist.is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def fail(message: str):
+    raise SystemExit(f"{PROG}: {message}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_finite(meter: common.AverageMeter, epoch: int, step: int, args):
+    if not math.isfinite(meter.avg):
+        fail(f"loss is {meter.avg} at epoch {epoch} step {step}; stopped, the last checkpoint in "
+             f"'{args.output_dir}' is untouched")
+
+
+def seed_everything(seed, offset: int = 0):
+    """With --seed, every epoch's randomness is a function of (seed, epoch, rank): resuming at an
+    epoch boundary then reproduces the uninterrupted run without saving RNG states."""
+    if seed is not None:
+        random.seed(seed + offset)
+        torch.manual_seed(seed + offset)
+
+
+def save_checkpoint(state: dict, output_dir: str):
+    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    path = os.path.join(output_dir, "checkpoint.pth.tar")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume_path(args) -> str:
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+        return path if os.path.isfile(path) else ""
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at '{args.resume}'")
+    return args.resume
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+    return ckpt["epoch"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    start_path = resume_path(args)
+
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = rank_and_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.seed is None
+    is_main = rank == 0
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    if args.pretrained:  # METHOD
+        backbone, reference = load_backbone(args.pretrained, args.arch, is_main)
+    else:
+        args.arch = args.arch or "resnet50"
+        if is_main:
+            print(f"=> creating model '{args.arch}' with random weights (no --pretrained)", flush=True)
+        backbone = Backbone(args.arch)
+        reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    if args.export:
+        if backbone.cmc_view:
+            fail("--export writes one torchvision ResNet; a CMC checkpoint holds two encoders")
+        if is_main:
+            torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export)
+            print(f"=> exported the backbone to '{args.export}' (torchvision.models.{args.arch or 'resnet50'}, without fc)")
+        return
+    backbone.to(device).eval().requires_grad_(False)
+
+    try:
+        train_set = common.build_dataset(args.data, "train", train_transform(args, backbone.cmc_view), args.data_root)
+        val_set = common.build_dataset(args.data, "val", eval_transform(args, backbone.cmc_view), args.data_root,
+                                       return_index=True)
+    except common.DataError as err:
+        fail(str(err))
+    if len(train_set) < args.batch_size:
+        fail(f"'{args.data}' has {len(train_set)} training images, fewer than the global batch {args.batch_size}")
+    num_classes = len(train_set.classes)
+    per_process = args.batch_size // world_size
+    val_loader = common.build_loader(val_set, per_process, args.workers, rank, world_size, train=False)
+    try:
+        val_feats, val_labels = extract_features(backbone, val_loader, device, len(val_set))
+    except common.DataError as err:
+        fail(common.data_error_message(err))
+
+    if args.knn:  # Wu et al. Sec. 3.4, on the training images without augmentation
+        train_plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view),
+                                           args.data_root, return_index=True)
+        loader = common.build_loader(train_plain, per_process, args.workers, rank, world_size, train=False)
+        try:
+            train_feats, train_labels = extract_features(backbone, loader, device, len(train_plain))
+        except common.DataError as err:
+            fail(common.data_error_message(err))
+        scores = knn_classify(F.normalize(val_feats, dim=1), F.normalize(train_feats, dim=1),
+                              train_labels, num_classes, args.knn_k, args.knn_t)
+        acc1, acc5 = common.accuracy(scores, val_labels, topk=(1, 5))
+        if is_main:
+            print(f"=> kNN (k={args.knn_k}, T={args.knn_t}): Acc@1 {float(acc1):.2f} Acc@5 {float(acc5):.2f}", flush=True)
+        if ddp:
+            dist.destroy_process_group()
+        return {"knn_acc1": float(acc1), "knn_acc5": float(acc5)}
+
+    classifier = nn.Linear(val_feats.shape[1], num_classes).to(device)
+    nn.init.normal_(classifier.weight, std=0.01)  # MoCo main_lincls: N(0, 0.01), bias 0
+    nn.init.zeros_(classifier.bias)
+    args.init_lr = args.lr * args.batch_size / 256 if args.protocol == "simsiam" else args.lr
+    if args.optimizer == "lars":
+        optimizer = LARS([{"params": [classifier.weight]}, {"params": [classifier.bias], "lars_exclude": True}],
+                         args.init_lr, args.momentum, args.wd)
+    else:
+        optimizer = torch.optim.SGD(classifier.parameters(), args.init_lr, momentum=args.momentum, weight_decay=args.wd)
+    if start_path:
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        args.start_epoch = load_checkpoint(start_path, classifier, optimizer, "linear")
+        if is_main:
+            print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
+    if ddp:
+        classifier = nn.parallel.DistributedDataParallel(classifier, device_ids=[local_rank] if device.type == "cuda" else None)
+    train_loader = common.build_loader(train_set, per_process, args.workers, rank, world_size,
+                                       train=True, seed=args.seed or 0)
+
+    metrics = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+        adjust_learning_rate(optimizer, epoch, args)
+        try:
+            metrics = train_one_epoch(train_loader, backbone, classifier, optimizer, epoch, args, device, is_main)
+        except common.DataError as err:
+            fail(common.data_error_message(err))
+        with torch.no_grad():  # the backbone is frozen, so the validation features were computed once
+            acc1, acc5 = common.accuracy(classifier(val_feats), val_labels, topk=(1, 5))
+        metrics.update(acc1=float(acc1), acc5=float(acc5))
+        if is_main:
+            print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}", flush=True)
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint({"method": "linear", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
+                             "state_dict": {"module." + k: v for k, v in unwrap(classifier).state_dict().items()},
+                             "optimizer": optimizer.state_dict()}, args.output_dir)
+    sanity_check(backbone, reference)
+    if is_main:
+        print(f"=> linear probe: Acc@1 {metrics.get('acc1', float('nan')):.2f} "
+              f"Acc@5 {metrics.get('acc5', float('nan')):.2f} (backbone unchanged: sanity check passed)", flush=True)
+    if ddp:
+        dist.destroy_process_group()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

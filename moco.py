@@ -1,0 +1,375 @@
+"""MoCo: Momentum Contrast for Unsupervised Visual Representation Learning.
+He, Fan, Wu, Xie, Girshick, CVPR 2020, arXiv:1911.05722 (v1); Chen, Fan, Girshick, He,
+"Improved Baselines with Momentum Contrastive Learning", arXiv:2003.04297 (v2).
+
+A query encoder is trained with InfoNCE (Eq. 1) to pick its own key out of a queue of K keys from
+earlier batches. The keys come from a momentum copy of the encoder (Eq. 2), which changes slowly,
+so the queue stays consistent although it spans many steps. Shuffling BN (Sec. 3.3) stops the
+model from cheating through batch statistics. v2 adds an MLP head, blur and a cosine schedule.
+
+    python moco.py --data synthetic -a resnet18 -b 128 --moco-k 4096 --epochs 20 -j 2    # CPU or 1 GPU
+    torchrun --nproc_per_node=4 moco.py --data /imagenet                                   # MoCo v1, 1 node
+    torchrun --nproc_per_node=4 moco.py --data /imagenet --mlp --moco-t 0.2 --aug-plus --cos  # MoCo v2
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 moco.py --data /imagenet
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as models
+import torchvision.transforms as transforms
+
+import common
+
+PROG = "moco.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="MoCo v1/v2 pre-training")
+    group = parser.add_argument_group("data")  # SCAFFOLD
+    group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
+    group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
+    group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
+    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet")
+    group.add_argument("--moco-dim", type=int, default=128, help="feature dimension")
+    group.add_argument("--mlp", action="store_true", help="v2: 2-layer MLP head")
+    group.add_argument("--bn-splits", type=int, default=1, help="split-batch BN sub-batches (Sec. 3.3 with one process)")
+    group = parser.add_argument_group("method")
+    group.add_argument("--moco-k", type=int, default=65536, help="queue size K")
+    group.add_argument("--moco-m", type=float, default=0.999, help="key-encoder momentum m (Eq. 2)")
+    group.add_argument("--moco-t", type=float, default=0.07, help="softmax temperature τ (v2: 0.2)")
+    group.add_argument("--aug-plus", action="store_true", help="v2 augmentation (blur, weaker hue jitter)")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=200)
+    group.add_argument("-b", "--batch-size", type=int, default=256, help="global batch over all processes")
+    group.add_argument("--lr", "--learning-rate", type=float, default=0.03, help="lr (not scaled by batch)")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
+    group.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="lr ×0.1 at these epochs")
+    group.add_argument("--cos", action="store_true", help="v2: cosine lr schedule")
+    group = parser.add_argument_group("run")  # SCAFFOLD
+    group.add_argument("--output-dir", default="./runs/moco")
+    group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
+    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
+    group.add_argument("-p", "--print-freq", type=int, default=10)
+    for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
+        group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data = args.data or args.data_pos
+    if not args.data:
+        parser.error("--data is required")
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    return args
+
+
+class GoneFlag(argparse.Action):  # SCAFFOLD
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BN over `num_splits` sub-batches with separate statistics (MoCo CIFAR-10 demo): with one
+    process, keys and queries still see different BN batches (Sec. 3.3). Sample n falls in
+    sub-batch n mod num_splits; running stats are the mean over sub-batches, so eval mode works."""
+
+    def __init__(self, num_features: int, num_splits: int, **kw):
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        N, C, H, W = x.shape
+        S = self.num_splits
+        mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)
+        out = F.batch_norm(x.view(N // S, C * S, H, W), mean, var, self.weight.repeat(S),
+                           self.bias.repeat(S), True, self.momentum, self.eps).view(N, C, H, W)
+        self.running_mean.copy_(mean.view(S, C).mean(0))
+        self.running_var.copy_(var.view(S, C).mean(0))
+        return out
+
+
+class MoCo(nn.Module):
+    def __init__(self, base_encoder, dim: int = 128, K: int = 65536, m: float = 0.999,
+                 T: float = 0.07, mlp: bool = False):
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = base_encoder(num_classes=dim)
+        self.encoder_k = base_encoder(num_classes=dim)
+        if mlp:  # v2: fc → Linear-ReLU-fc (2048-2048-128 for ResNet-50)
+            hidden = self.encoder_q.fc.in_features
+            for enc in (self.encoder_q, self.encoder_k):
+                enc.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), enc.fc)
+        for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            param_k.data.copy_(param_q.data)  # the key encoder starts as a copy of the query encoder
+            param_k.requires_grad = False  # and is never updated by gradient (Sec. 3.2)
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # dim×K
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        """Eq. (2): θk ← m·θk + (1−m)·θq, one fused op over all parameters."""
+        params_k = list(self.encoder_k.parameters())
+        torch._foreach_mul_(params_k, self.m)
+        torch._foreach_add_(params_k, list(self.encoder_q.parameters()), alpha=1 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor):
+        """Enqueue the keys of the whole global batch, overwrite the oldest (Sec. 3.1). The pointer
+        stays on the device: no host sync."""
+        keys = concat_all_gather(keys)  # global_batch×dim, identical on every rank
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K
+        self.queue.index_copy_(1, idx, keys.t())
+        self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % self.K)
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor):
+        """Returns logits N×(1+K), labels (all 0: the positive is column 0) and the keys N×dim.
+        The caller enqueues the keys after backward: l_neg's graph holds the queue, so enqueueing
+        in place here would need a copy of the whole queue every step."""
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # N×dim
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            im_k, idx_unshuffle = batch_shuffle(im_k)  # Sec. 3.3, shuffling BN
+            k = F.normalize(self.encoder_k(im_k), dim=1)
+            k = batch_unshuffle(k, idx_unshuffle)  # N×dim
+        l_pos = (q * k).sum(1, keepdim=True)  # N×1
+        l_neg = q @ self.queue  # N×K
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # Eq. (1)
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return logits, labels, k
+
+
+def infonce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. (1): L = −log exp(q·k₊/τ) / Σ_{i=0..K} exp(q·k_i/τ), a (K+1)-way cross-entropy, label 0."""
+    return F.cross_entropy(logits, labels)
+
+
+def build_transform(args) -> common.MultiView:
+    if args.aug_plus:  # v2 (arXiv:2003.04297 Sec. 2), as SimCLR's recipe
+        aug = [transforms.RandomResizedCrop(args.image_size, scale=(0.2, 1.0)),
+               transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+               transforms.RandomGrayscale(p=0.2),
+               transforms.RandomApply([common.GaussianBlur((0.1, 2.0))], p=0.5),
+               transforms.RandomHorizontalFlip()]
+    else:  # v1 (Sec. 4, "Data augmentation")
+        aug = [transforms.RandomResizedCrop(args.image_size, scale=(0.2, 1.0)),
+               transforms.RandomGrayscale(p=0.2),
+               transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
+               transforms.RandomHorizontalFlip()]
+    t = transforms.Compose(aug + [transforms.ToTensor(), common.normalize])
+    return common.MultiView([t, t])  # query and key: two independent augmentations
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient, rank order; the input itself when there is no process group."""
+    if not dist.is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor):
+    """Sec. 3.3, shuffling BN: the key encoder sees the global batch in a random order split over
+    the ranks, so a key's BN statistics come from other samples than its query's. With one
+    process this permutes the local batch (which matters with --bn-splits)."""
+    rank, world_size = rank_and_world()
+    x_gather = concat_all_gather(x)  # global_batch×C×H×W
+    idx_shuffle = torch.randperm(x_gather.shape[0], device=x.device)
+    if dist.is_initialized():
+        dist.broadcast(idx_shuffle, src=0)  # every rank uses rank 0's permutation
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    return x_gather[idx_shuffle.view(world_size, -1)[rank]], idx_unshuffle
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+    """Undo `batch_shuffle`: each rank gets back the keys of its own samples, in order."""
+    rank, world_size = rank_and_world()
+    return concat_all_gather(x)[idx_unshuffle.view(world_size, -1)[rank]]
+
+
+def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+    batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
+    losses = common.AverageMeter("Loss", ":.4e")
+    top1, top5 = common.AverageMeter("Acc@1", ":6.2f"), common.AverageMeter("Acc@5", ":6.2f")
+    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, top1, top5],
+                                    prefix=f"Epoch: [{epoch}]")
+    model.train()
+    end = time.time()
+    for i, (images, _) in enumerate(loader):
+        data_time.update(time.time() - end)
+        im_q, im_k = (x.to(device, non_blocking=True) for x in images)
+        logits, labels, k = model(im_q, im_k)
+        loss = infonce_loss(logits, labels)
+        acc1, acc5 = common.accuracy(logits, labels, topk=(1, 5))  # the (K+1)-way pretext task
+        losses.update(loss, im_q.shape[0]), top1.update(acc1, im_q.shape[0]), top5.update(acc5, im_q.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        unwrap(model)._dequeue_and_enqueue(k)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0 or i == len(loader) - 1:
+            check_finite(losses, epoch, i, args)  # the only host sync, every print-freq steps
+            if is_main:
+                progress.display(i)
+    return {"epoch": epoch, "loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def adjust_learning_rate(optimizer, epoch: int, args):
+    """Per epoch: cosine (v2) or ×0.1 at each --schedule milestone (v1)."""
+    if args.cos:
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    else:
+        lr = args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+def fail(message: str):
+    raise SystemExit(f"{PROG}: {message}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_finite(meter: common.AverageMeter, epoch: int, step: int, args):
+    if not math.isfinite(meter.avg):
+        fail(f"loss is {meter.avg} at epoch {epoch} step {step}; stopped, the last checkpoint in "
+             f"'{args.output_dir}' is untouched")
+
+
+def seed_everything(seed, offset: int = 0):
+    """With --seed, every epoch's randomness is a function of (seed, epoch, rank): resuming at an
+    epoch boundary then reproduces the uninterrupted run without saving RNG states."""
+    if seed is not None:
+        random.seed(seed + offset)
+        torch.manual_seed(seed + offset)
+
+
+def save_checkpoint(state: dict, output_dir: str):
+    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    path = os.path.join(output_dir, "checkpoint.pth.tar")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume_path(args) -> str:
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+        return path if os.path.isfile(path) else ""
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at '{args.resume}'")
+    return args.resume
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+    return ckpt["epoch"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    if args.moco_k % args.batch_size:  # METHOD: every enqueue writes a whole global batch (Sec. 3.1)
+        fail(f"--moco-k {args.moco_k} is not a multiple of the global batch {args.batch_size}")
+    if args.bn_splits < 1 or (args.batch_size // world_size) % args.bn_splits:  # METHOD
+        fail(f"per-process batch {args.batch_size // world_size} does not divide into --bn-splits {args.bn_splits}")
+    start_path = resume_path(args)
+
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = rank_and_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.seed is None
+    is_main = rank == 0
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    try:
+        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root)
+    except common.DataError as err:
+        fail(str(err))
+    if len(dataset) < args.batch_size:
+        fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
+    loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
+                                 world_size, train=True, seed=args.seed or 0)
+
+    if is_main:
+        print(f"=> creating model '{args.arch}'", flush=True)
+    norm_layer = partial(SplitBatchNorm, num_splits=args.bn_splits) if args.bn_splits > 1 else None
+    model = MoCo(partial(models.__dict__[args.arch], norm_layer=norm_layer), args.moco_dim,
+                 args.moco_k, args.moco_m, args.moco_t, args.mlp).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+    if start_path:
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        args.start_epoch = load_checkpoint(start_path, model, optimizer, "moco")
+        if is_main:
+            print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+        adjust_learning_rate(optimizer, epoch, args)
+        try:
+            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
+        except common.DataError as err:
+            fail(common.data_error_message(err))
+        if is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint({"method": "moco", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
+                             "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                             "optimizer": optimizer.state_dict()}, args.output_dir)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

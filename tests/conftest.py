@@ -1,0 +1,49 @@
+"""Test helpers: import the scripts as modules, run 2-process gloo groups, run the real command lines."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, *args, world_size: int = 2):
+    """Runs fn(rank, world_size, *args) in `world_size` spawned processes joined by a gloo group.
+    fn must be a module-level function; it reports by writing files (e.g. into a tmp_path)."""
+    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def run_script(script: str, *args, nproc: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real command line: `python X.py ...`, or `torchrun --standalone --nproc_per_node=N X.py ...`."""
+    launcher = [sys.executable] if nproc == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(launcher + [str(ROOT / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
