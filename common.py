@@ -88,13 +88,6 @@ class GaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
 
 
-class Solarize:
-    """BYOL Table 6: x ↦ x if x < 0.5 else 1 − x, on PIL images (threshold 128 of 255)."""
-
-    def __call__(self, img):
-        return img.point(lambda v: v if v < 128 else 255 - v)
-
-
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in [0, 1], shape 3×H×W (or B×3×H×W) → CIE L*a*b* (D65): L in [0, 100], a, b in ≈[−110, 110]."""
     c = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)  # linearise sRGB

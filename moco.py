@@ -350,8 +350,9 @@ def main(argv=None):
         args.start_epoch = load_checkpoint(start_path, model, optimizer, "moco")
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if ddp:  # no buffer broadcast: the method keeps its queue/bank identical, re-sending it every step would be a copy
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
 
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
