@@ -1,0 +1,105 @@
+"""common.py: meters, augmentation ops, the synthetic dataset, --data and the loader."""
+import pytest
+import torch
+import torchvision.transforms as transforms
+from PIL import Image
+
+import common
+
+
+def test_average_meter_keeps_tensors_on_device_until_read():
+    meter = common.AverageMeter("Loss", ":.2f")
+    meter.update(torch.tensor(2.0), n=2)
+    meter.update(torch.tensor(5.0), n=1)
+    assert torch.is_tensor(meter.sum)  # no host copy while training
+    assert meter.avg == pytest.approx(3.0) and str(meter) == "Loss 5.00 (3.00)"
+
+
+def test_accuracy_top_k_by_hand():
+    output = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5], [0.5, 0.1, 0.4]])
+    target = torch.tensor([1, 1, 0, 2])  # top-1 right: row 0; top-2 right: rows 0, 1, 3
+    top1, top2 = common.accuracy(output, target, topk=(1, 2))
+    assert float(top1) == pytest.approx(25.0) and float(top2) == pytest.approx(75.0)
+
+
+def test_multi_view_gives_independent_augmentations():
+    t = transforms.Compose([transforms.RandomResizedCrop(16, scale=(0.2, 1.0)), transforms.ToTensor()])
+    img = Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy())
+    views = common.MultiView([t, t])(img)
+    assert len(views) == 2 and views[0].shape == (3, 16, 16)
+    assert not torch.equal(views[0], views[1])
+
+
+def test_gaussian_blur_draws_sigma_per_image():
+    img = Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy())
+    weak, strong = common.GaussianBlur((0.1, 0.1))(img), common.GaussianBlur((3.0, 3.0))(img)
+    to_tensor = transforms.ToTensor()
+    assert to_tensor(strong).std() < to_tensor(weak).std() < to_tensor(img).std() + 1e-6
+
+
+# ----------------------------------------------------------------------------------- synthetic
+def test_synthetic_is_generated_from_a_seed_labelled_and_split():
+    a, b = common.SyntheticTextures(200), common.SyntheticTextures(200)
+    assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert a.images.shape == (200, 32, 32, 3) and a.images.dtype == torch.uint8
+    assert torch.bincount(a.targets).tolist() == [20] * 10 and len(a.classes) == 10
+    val = common.SyntheticTextures(200, split="val")
+    assert not torch.equal(val.images, a.images)
+    img, target = a[0]
+    assert isinstance(img, Image.Image) and target == int(a.targets[0])
+
+
+def test_synthetic_class_is_not_predicted_by_colour():
+    """The nuisance (mean colour of an image) carries next to no class information: the best
+    per-class mean-colour classifier is far below what the textures allow."""
+    d = common.SyntheticTextures(2000)
+    colour = d.images.float().mean((1, 2))  # N×3
+    centroids = torch.stack([colour[d.targets == c].mean(0) for c in range(10)])
+    val = common.SyntheticTextures(1000, split="val")
+    val_colour = val.images.float().mean((1, 2))
+    pred = torch.cdist(val_colour, centroids).argmin(1)
+    assert (pred == val.targets).float().mean() < 0.25  # chance is 0.10
+
+
+def test_build_dataset_synthetic_sizes_and_index():
+    train = common.build_dataset("synthetic:100", "train", None, return_index=True)
+    val = common.build_dataset("synthetic:100", "val", None)
+    assert len(train) == 100 and len(val) == 20
+    img, target, index = train[7]
+    assert index == 7 and target == int(train.dataset.targets[7])
+
+
+def test_build_dataset_image_folder_layouts_and_errors(tmp_path):
+    with pytest.raises(common.DataError, match="does not exist"):
+        common.build_dataset(str(tmp_path / "missing"), "train", None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.DataError, match="holds no images"):
+        common.build_dataset(str(tmp_path / "empty"), "train", None)
+    for split in ("train", "val"):
+        (tmp_path / "split" / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "split" / split / "cat" / "0.png")
+    assert len(common.build_dataset(str(tmp_path / "split"), "val", None)) == 1
+    (tmp_path / "flat" / "dog").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "dog" / "0.png")
+    assert len(common.build_dataset(str(tmp_path / "flat"), "pretrain", None)) == 1
+    with pytest.raises(common.DataError, match="has no val/ folder"):
+        common.build_dataset(str(tmp_path / "flat"), "val", None)
+
+
+def test_unreadable_image_is_a_data_error_with_the_path(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    with pytest.raises(common.DataError) as err:
+        common.load_image(str(tmp_path / "bad.jpg"))
+    assert common.data_error_message(err.value).startswith(f"cannot read image '{tmp_path / 'bad.jpg'}'")
+    wrapped = common.DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback:\n"
+                               "  File ...\ncommon.DataError: cannot read image 'x.jpg': broken")
+    assert common.data_error_message(wrapped) == "cannot read image 'x.jpg': broken"
+
+
+def test_loader_shards_disjointly_and_reshuffles_per_epoch():
+    dataset = common.build_dataset("synthetic:100", "train", transforms.ToTensor(), return_index=True)
+    shards = [common.build_loader(dataset, 10, 0, rank, 2, train=True, seed=0) for rank in (0, 1)]
+    seen = [torch.cat([index for _, _, index in loader]) for loader in shards]
+    assert len(seen[0]) == len(seen[1]) == 50 and not set(seen[0].tolist()) & set(seen[1].tolist())
+    shards[0].sampler.set_epoch(1)
+    assert not torch.equal(torch.cat([index for _, _, index in shards[0]]), seen[0])

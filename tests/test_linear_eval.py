@@ -1,0 +1,173 @@
+"""linear_eval.py: kNN, frozen backbone + sanity check, checkpoint layouts, export, errors."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.models as models
+
+import linear_eval
+import moco
+from conftest import run_script
+
+DATA = ["--data", "synthetic:100", "-j", "0", "-b", "20", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def moco_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moco")
+    moco.main(["--data", "synthetic:128", "-a", "resnet18", "-b", "32", "--moco-k", "64", "-j", "0",
+               "--epochs", "1", "--seed", "0", "--output-dir", str(out)])
+    return out / "checkpoint.pth.tar"
+
+
+# ------------------------------------------------------------------------------------------ kNN
+def test_knn_weighted_vote_by_hand():
+    """k=3 neighbours: two of class 0 at similarity 0.1, one of class 1 at 0.9. A majority vote says
+    0; the weighted vote (weights exp(s/T), Wu et al. Sec. 3.4) says 1. The far point is not a neighbour."""
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    train = torch.tensor([[0.1, math.sqrt(1 - 0.01), 0.0], [0.1, 0.0, math.sqrt(1 - 0.01)],
+                          [0.9, math.sqrt(1 - 0.81), 0.0], [-1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    scores = linear_eval.knn_classify(q, train, labels, num_classes=2, k=3, T=0.07)
+    expected = torch.tensor([[2 * math.exp(0.1 / 0.07), math.exp(0.9 / 0.07)]])
+    torch.testing.assert_close(scores, expected)
+    assert int(scores.argmax(1)) == 1
+    # with a high temperature the weights flatten and the two class-0 neighbours win
+    assert int(linear_eval.knn_classify(q, train, labels, 2, k=3, T=100.0).argmax(1)) == 0
+
+
+def test_knn_chunks_give_the_same_scores():
+    feats, train = F.normalize(torch.randn(50, 8), dim=1), F.normalize(torch.randn(30, 8), dim=1)
+    labels = torch.randint(0, 4, (30,))
+    torch.testing.assert_close(linear_eval.knn_classify(feats, train, labels, 4, k=5, chunk=7),
+                               linear_eval.knn_classify(feats, train, labels, 4, k=5, chunk=1000), rtol=1e-5, atol=0)
+
+
+# ------------------------------------------------------------------------- frozen backbone + check
+def test_sanity_check_passes_when_unchanged_and_fails_on_any_change():
+    backbone = linear_eval.Backbone("resnet18")
+    reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    linear_eval.sanity_check(backbone, reference)
+    backbone.encoder.layer3[0].bn1.running_mean[0] += 1e-6  # BN statistics count too
+    with pytest.raises(SystemExit, match="sanity check failed: backbone tensor 'encoder.layer3.0.bn1.running_mean'"):
+        linear_eval.sanity_check(backbone, reference)
+
+
+def test_probe_trains_only_the_linear_layer(moco_checkpoint, tmp_path):
+    metrics = linear_eval.main(DATA + ["--pretrained", str(moco_checkpoint), "--epochs", "2", "--lr", "1.0",
+                                       "--output-dir", str(tmp_path)])
+    assert 0.0 <= metrics["acc1"] <= 100.0 and metrics["epoch"] == 1
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "linear" and set(ckpt["state_dict"]) == {"module.weight", "module.bias"}
+
+
+def test_probe_sanity_check_catches_a_moving_backbone(moco_checkpoint, tmp_path, monkeypatch):
+    real = linear_eval.train_one_epoch
+
+    def leaky(loader, backbone, *args):
+        backbone.train()  # BN in train mode updates running statistics: the bug the check exists for
+        with torch.no_grad():
+            backbone(next(iter(loader))[0])
+        return real(loader, backbone, *args)
+
+    monkeypatch.setattr(linear_eval, "train_one_epoch", leaky)
+    with pytest.raises(SystemExit, match="sanity check failed"):
+        linear_eval.main(DATA + ["--pretrained", str(moco_checkpoint), "--epochs", "1", "--output-dir", str(tmp_path)])
+
+
+def test_knn_and_probe_from_the_command_line(moco_checkpoint, tmp_path):
+    proc = run_script("linear_eval.py", *DATA, "--pretrained", moco_checkpoint, "--knn")
+    assert proc.returncode == 0, proc.stderr
+    assert "MoCo v1/v2 (ours or official), arch resnet18; used 120 keys (module.encoder_q.)" in proc.stdout
+    assert "module.encoder_k.* (122)" in proc.stdout and "=> kNN (k=200, T=0.07): Acc@1" in proc.stdout
+    proc = run_script("linear_eval.py", *DATA, "--pretrained", moco_checkpoint, "--epochs", "1",
+                      "--output-dir", tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    assert "sanity check passed" in proc.stdout and proc.stdout.count(" * Acc@1") == 1
+
+
+def test_simsiam_protocol_uses_lars_and_scaled_lr(moco_checkpoint, tmp_path):
+    args = linear_eval.parse_args(["--data", "synthetic", "--protocol", "simsiam"])
+    assert (args.lr, args.batch_size, args.epochs, args.optimizer, args.cos) == (0.02, 4096, 90, "lars", True)
+    args = linear_eval.parse_args(["--data", "synthetic", "--protocol", "simsiam", "--epochs", "3"])
+    assert args.epochs == 3  # explicit flags win
+    linear_eval.main(DATA + ["--pretrained", str(moco_checkpoint), "--protocol", "simsiam", "--epochs", "1",
+                             "--output-dir", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["args"]["init_lr"] == pytest.approx(0.02 * 20 / 256)
+
+
+def test_random_init_baseline(tmp_path):
+    metrics = linear_eval.main(DATA + ["-a", "resnet18", "--knn", "--output-dir", str(tmp_path)])
+    assert 0.0 <= metrics["knn_acc1"] <= 100.0
+
+
+# ---------------------------------------------------------------------------------- layouts
+def resnet18_state(num_classes=128):
+    torch.manual_seed(1)
+    return models.resnet18(num_classes=num_classes).state_dict()
+
+
+def official_layouts():
+    """Random weights laid out exactly as each official repository saves them."""
+    body = {k: v for k, v in resnet18_state().items() if not k.startswith("fc.")}
+    mlp_head = {"fc.0.weight": torch.randn(512, 512), "fc.0.bias": torch.randn(512),
+                "fc.2.weight": torch.randn(128, 512), "fc.2.bias": torch.randn(128)}
+    moco_v2 = {**{f"module.encoder_q.{k}": v for k, v in {**body, **mlp_head}.items()},
+               **{f"module.encoder_k.{k}": v for k, v in {**body, **mlp_head}.items()},
+               "module.queue": torch.randn(128, 256), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    simsiam = {**{f"module.encoder.{k}": v for k, v in body.items()},
+               "module.encoder.fc.0.weight": torch.randn(512, 512), "module.encoder.fc.1.weight": torch.randn(512),
+               "module.predictor.0.weight": torch.randn(128, 512)}
+    moco_v3 = {**{f"module.base_encoder.{k}": v for k, v in body.items()},
+               **{f"module.momentum_encoder.{k}": v for k, v in body.items()},
+               "module.base_encoder.fc.0.weight": torch.randn(4096, 512), "module.predictor.0.weight": torch.randn(256, 4096)}
+    return body, {
+        "MoCo v1/v2": ({"epoch": 200, "arch": "resnet18", "state_dict": moco_v2, "optimizer": {}}, "module.encoder_q."),
+        "SimSiam": ({"epoch": 100, "arch": "resnet18", "state_dict": simsiam, "optimizer": {}}, "module.encoder."),
+        "MoCo v3": ({"epoch": 100, "arch": "resnet18", "state_dict": moco_v3, "optimizer": {}, "scaler": {}}, "module.base_encoder."),
+        "torchvision": ({**body, "fc.weight": torch.randn(1000, 512), "fc.bias": torch.randn(1000)}, "no prefix"),
+    }
+
+
+@pytest.mark.parametrize("name", ["MoCo v1/v2", "SimSiam", "MoCo v3", "torchvision"])
+def test_official_checkpoints_load_with_the_right_keys(name, tmp_path, capsys):
+    body, layouts = official_layouts()
+    ckpt, prefix = layouts[name]
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    backbone, reference = linear_eval.load_backbone(str(tmp_path / "ckpt.pth"), "resnet18", is_main=True)
+    for key, value in body.items():  # every backbone tensor came from the checkpoint, heads dropped
+        assert torch.equal(backbone.encoder.state_dict()[key], value), key
+    out = capsys.readouterr().out
+    assert f"used {len(body)} keys ({prefix})" in out
+    state = ckpt.get("state_dict", ckpt)
+    assert f"ignored {len(state) - len(body)}:" in out
+
+
+class NotATensor:  # a pickled object: code a checkpoint must never run
+    pass
+
+
+def test_pickled_objects_unknown_layouts_and_wrong_arch_are_refused(tmp_path):
+    torch.save({"state_dict": resnet18_state(), "extra": NotATensor()}, tmp_path / "pickled.pth")
+    with pytest.raises(SystemExit, match="cannot read .* as a tensors-only checkpoint"):
+        linear_eval.load_backbone(str(tmp_path / "pickled.pth"), "resnet18", True)
+    torch.save({"state_dict": {"backbone.stem.weight": torch.zeros(1)}}, tmp_path / "unknown.pth")
+    with pytest.raises(SystemExit, match="has no known backbone layout; first keys: backbone.stem.weight"):
+        linear_eval.load_backbone(str(tmp_path / "unknown.pth"), "resnet18", True)
+    torch.save(resnet18_state(), tmp_path / "r18.pth")
+    with pytest.raises(SystemExit, match="does not fit -a resnet34"):
+        linear_eval.load_backbone(str(tmp_path / "r18.pth"), "resnet34", True)
+    with pytest.raises(SystemExit, match="--pretrained: no checkpoint at"):
+        linear_eval.load_backbone(str(tmp_path / "missing.pth"), "resnet18", True)
+
+
+def test_export_loads_into_torchvision_with_only_fc_missing(moco_checkpoint, tmp_path):
+    linear_eval.main(["--data", "synthetic:100", "--pretrained", str(moco_checkpoint), "--export", str(tmp_path / "r18.pth")])
+    state = torch.load(tmp_path / "r18.pth", weights_only=True)
+    result = models.resnet18().load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
+    source = torch.load(moco_checkpoint, weights_only=True)["state_dict"]
+    assert torch.equal(state["layer4.1.conv2.weight"], source["module.encoder_q.layer4.1.conv2.weight"])

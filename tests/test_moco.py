@@ -1,0 +1,323 @@
+"""MoCo: InfoNCE, queue, momentum encoder, shuffling BN, split BN, end to end, errors."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moco
+from conftest import last_line, run_distributed, run_script
+
+TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--moco-k", "128", "-j", "0",
+        "--seed", "0", "-p", "4"]
+
+
+class TinyNet(nn.Module):
+    """Stands in for a torchvision ResNet: `num_classes` sets the output, `fc` is the head, and a
+    BatchNorm makes outputs depend on the batch (what shuffling BN is about)."""
+
+    def __init__(self, num_classes: int = 8, norm_layer=None):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), (norm_layer or nn.BatchNorm2d)(6), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def tiny_moco(K=16, m=0.999, T=0.07, seed=0, **kw):
+    torch.manual_seed(seed)
+    return moco.MoCo(TinyNet, dim=8, K=K, m=m, T=T, **kw)
+
+
+# ------------------------------------------------------------------------------------- InfoNCE
+def test_infonce_matches_closed_form_with_positive_at_label_0():
+    model = tiny_moco(K=16, m=0.0, T=0.2).eval()  # m=0: the key encoder is a copy of the query encoder
+    queue = model.queue.clone()
+    im_q, im_k = torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6)
+    logits, labels, k = model(im_q, im_k)
+    q = F.normalize(model.encoder_q(im_q), dim=1)
+    k_ref = F.normalize(model.encoder_q(im_k), dim=1)
+    torch.testing.assert_close(k, k_ref)
+    pos = (q * k_ref).sum(1) / 0.2
+    neg = q @ queue / 0.2
+    # Eq. (1): −log exp(q·k₊/τ) / (exp(q·k₊/τ) + Σ_j exp(q·k_j/τ))
+    closed = -(pos.exp() / (pos.exp() + neg.exp().sum(1))).log().mean()
+    assert labels.eq(0).all() and logits.shape == (4, 17)
+    torch.testing.assert_close(moco.infonce_loss(logits, labels), closed)
+    # the positive really is column 0: moving it elsewhere changes the loss
+    swapped = torch.cat([logits[:, 1:2], logits[:, :1], logits[:, 2:]], 1)
+    assert not torch.allclose(moco.infonce_loss(swapped, labels), closed)
+
+
+def test_infonce_is_small_when_the_positive_dominates():
+    logits = torch.tensor([[50.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    loss = moco.infonce_loss(logits, torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(loss, torch.tensor(4.0).log() / 2, atol=1e-6, rtol=0)  # (≈0 + log 4) / 2
+
+
+# --------------------------------------------------------------------------------------- queue
+def test_queue_is_fifo_and_the_pointer_wraps():
+    model = tiny_moco(K=6)
+    batches = [F.normalize(torch.randn(4, 8), dim=1) for _ in range(3)]
+    model._dequeue_and_enqueue(batches[0])
+    assert int(model.queue_ptr) == 4
+    torch.testing.assert_close(model.queue[:, :4], batches[0].t())
+    model._dequeue_and_enqueue(batches[1])  # columns 4, 5 then wraps to 0, 1: the oldest go first
+    assert int(model.queue_ptr) == 2
+    torch.testing.assert_close(model.queue[:, 4:6], batches[1][:2].t())
+    torch.testing.assert_close(model.queue[:, 0:2], batches[1][2:].t())
+    torch.testing.assert_close(model.queue[:, 2:4], batches[0][2:].t())  # not yet overwritten
+    model._dequeue_and_enqueue(batches[2])
+    assert int(model.queue_ptr) == 0
+    torch.testing.assert_close(model.queue[:, 2:6], batches[2].t())
+
+
+def _queue_step_worker(rank, world_size, out_dir):
+    model = tiny_moco(K=16)
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(100 + rank)  # each rank has its own images
+    im_q, im_k = torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6)
+    logits, labels, k = ddp(im_q, im_k)
+    moco.infonce_loss(logits, labels).backward()
+    optimizer.step()
+    model._dequeue_and_enqueue(k)
+    torch.save({"queue": model.queue, "ptr": model.queue_ptr, "k": k}, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_queue_holds_the_gathered_global_batch_and_is_identical_on_both_ranks(tmp_path):
+    run_distributed(_queue_step_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["queue"], r1["queue"])
+    assert int(r0["ptr"]) == int(r1["ptr"]) == 8  # the global batch, not the local 4
+    global_keys = torch.cat([r0["k"], r1["k"]])  # rank order
+    assert not torch.allclose(r0["k"], r1["k"])
+    torch.testing.assert_close(r0["queue"][:, :8], global_keys.t())
+
+
+# ----------------------------------------------------------------------------------------- EMA
+def test_momentum_update_is_eq_2():
+    model = tiny_moco(m=0.9)
+    with torch.no_grad():
+        for p in model.encoder_k.parameters():
+            p.add_(torch.randn_like(p))
+    before_k = [p.clone() for p in model.encoder_k.parameters()]
+    model._momentum_update_key_encoder()
+    for p_k, old_k, p_q in zip(model.encoder_k.parameters(), before_k, model.encoder_q.parameters()):
+        torch.testing.assert_close(p_k, 0.9 * old_k + 0.1 * p_q)
+
+
+@pytest.mark.parametrize("m", [0.0, 1.0])
+def test_momentum_0_copies_and_1_freezes(m):
+    model = tiny_moco(m=m)
+    with torch.no_grad():
+        for p in model.encoder_k.parameters():
+            p.add_(1.0)
+    before_k = [p.clone() for p in model.encoder_k.parameters()]
+    model._momentum_update_key_encoder()
+    expected = model.encoder_q.parameters() if m == 0.0 else before_k
+    for p_k, ref in zip(model.encoder_k.parameters(), expected):
+        assert torch.equal(p_k, ref)
+
+
+def test_key_encoder_gets_no_gradient_and_query_encoder_does():
+    model = tiny_moco().train()
+    logits, labels, k = model(torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6))
+    moco.infonce_loss(logits, labels).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder_k.parameters())
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+    assert not k.requires_grad and not model.queue.requires_grad
+
+
+# ----------------------------------------------------------------------------------- shuffle BN
+def _shuffle_worker(rank, world_size, out_dir):
+    torch.manual_seed(0)  # same encoder everywhere
+    encoder = TinyNet()
+    torch.manual_seed(10 + rank)
+    x = torch.randn(8, 3, 6, 6) + rank  # ranks hold different data
+    shuffled, idx_unshuffle = moco.batch_shuffle(x)
+    restored = moco.batch_unshuffle(shuffled, idx_unshuffle)
+    out = {"x": x, "shuffled": shuffled, "restored": restored}
+    for mode in ("eval", "train"):  # eval first: train-mode passes change each rank's running stats
+        encoder.train(mode == "train")
+        with torch.no_grad():
+            x_s, idx = moco.batch_shuffle(x)
+            out[mode + "_shuffled"] = moco.batch_unshuffle(encoder(x_s), idx)
+            out[mode + "_plain"] = encoder(x)
+    torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_shuffle_bn_across_two_ranks(tmp_path):
+    run_distributed(_shuffle_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    for r in (r0, r1):
+        assert torch.equal(r["restored"], r["x"])  # shuffle then unshuffle is the identity
+    # the shuffled batches are a permutation of the global batch that mixes the ranks
+    everything = torch.cat([r0["x"], r1["x"]]).flatten(1)
+    shuffled = torch.cat([r0["shuffled"], r1["shuffled"]]).flatten(1)
+    assert torch.equal(everything.sort(0).values, shuffled.sort(0).values)
+    from_rank1 = (r0["shuffled"].flatten(1)[:, None] == r1["x"].flatten(1)[None]).all(-1).any(1)
+    assert 0 < int(from_rank1.sum()) < 8
+    for r in (r0, r1):  # train mode: BN statistics come from a different mix of samples
+        assert not torch.allclose(r["train_shuffled"], r["train_plain"], atol=1e-4)
+        torch.testing.assert_close(r["eval_shuffled"], r["eval_plain"])  # eval mode: no batch dependence
+
+
+def test_shuffle_without_process_group_is_a_local_permutation():
+    x = torch.randn(8, 3)
+    shuffled, idx = moco.batch_shuffle(x)
+    assert torch.equal(moco.batch_unshuffle(shuffled, idx), x)
+    assert torch.equal(shuffled.sort(0).values, x.sort(0).values)
+
+
+# ------------------------------------------------------------------------------------- split BN
+def test_split_bn_normalises_each_sub_batch_with_its_own_statistics():
+    bn = moco.SplitBatchNorm(3, num_splits=2).train()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    x = torch.randn(8, 3, 4, 4)
+    x[1::2] = x[1::2] * 3 + 5  # sub-batch 1 (odd samples) has very different statistics
+    out = bn(x)
+    for s in range(2):
+        sub = x[s::2]
+        mean = sub.mean((0, 2, 3), keepdim=True)
+        var = sub.var((0, 2, 3), unbiased=False, keepdim=True)
+        ref = (sub - mean) / (var + bn.eps).sqrt() * bn.weight.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1)
+        torch.testing.assert_close(out[s::2], ref, atol=1e-5, rtol=1e-5)
+    # running stats: momentum 0.1 from (0, 1), averaged over the two sub-batches
+    sub_means = torch.stack([x[s::2].mean((0, 2, 3)) for s in range(2)])
+    sub_vars = torch.stack([x[s::2].var((0, 2, 3), unbiased=True) for s in range(2)])
+    torch.testing.assert_close(bn.running_mean, 0.1 * sub_means.mean(0))
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * sub_vars.mean(0))
+    bn.eval()  # eval mode uses the averaged running statistics
+    ref = (x - bn.running_mean.view(1, 3, 1, 1)) / (bn.running_var.view(1, 3, 1, 1) + bn.eps).sqrt()
+    torch.testing.assert_close(bn(x), ref * bn.weight.view(1, 3, 1, 1) + bn.bias.view(1, 3, 1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_split_bn_with_one_split_is_plain_batchnorm():
+    bn, plain = moco.SplitBatchNorm(3, num_splits=1).train(), nn.BatchNorm2d(3).train()
+    x = torch.randn(8, 3, 4, 4)
+    torch.testing.assert_close(bn(x), plain(x))
+    torch.testing.assert_close(bn.running_var, plain.running_var)
+
+
+# ---------------------------------------------------------------------------------- end to end
+def test_one_process_run_checkpoint_and_resume(tmp_path):
+    proc = run_script("moco.py", *TINY, "--epochs", "1", "--bn-splits", "2", "--mlp", "--aug-plus",
+                      "--cos", "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "=> creating model 'resnet18'" in proc.stdout and "Acc@1" in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "moco" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
+    keys = list(ckpt["state_dict"])
+    assert all(k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue")) for k in keys)
+    assert "module.queue" in keys and "module.queue_ptr" in keys and "module.encoder_q.fc.0.weight" in keys
+    proc = run_script("moco.py", *TINY, "--epochs", "2", "--bn-splits", "2", "--mlp", "--aug-plus",
+                      "--cos", "--output-dir", tmp_path, "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "(epoch 1)" in proc.stdout and "Epoch: [1]" in proc.stdout and "Epoch: [0]" not in proc.stdout
+    assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
+
+
+def test_two_process_run_with_torchrun(tmp_path):
+    proc = run_script("moco.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 32
+    # 256 images, global batch 32: 8 steps of 16 images per rank; only rank 0 prints
+    assert proc.stdout.count("Epoch: [0][0/8]") == 1
+
+
+def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    moco.main(TINY + ["--epochs", "2", "--bn-splits", "2", "--output-dir", str(straight)])
+    moco.main(TINY + ["--epochs", "1", "--bn-splits", "2", "--output-dir", str(split)])
+    moco.main(TINY + ["--epochs", "2", "--bn-splits", "2", "--output-dir", str(split), "--resume", "auto"])
+    a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:  # weights, key encoder, queue and pointer, BN statistics
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+
+
+# -------------------------------------------------------------------------------------- errors
+def make_image_folder(root, n_per_class=4, bad=False):
+    from PIL import Image
+    for c in ("a", "b"):
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(n_per_class):
+            if bad:
+                (root / c / f"{i}.jpg").write_bytes(b"not an image")
+            else:
+                Image.new("RGB", (40, 40), (i * 40, 100, 200)).save(root / c / f"{i}.jpg")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
+    (["--data", "synthetic:256", "--moco-k", "100"], "--moco-k 100 is not a multiple of the global batch 32"),
+    (["--data", "synthetic:256", "--resume", "/no/such.pth.tar"], "--resume: no checkpoint at '/no/such.pth.tar'"),
+    (["--data", "synthetic:16"], "'synthetic:16' has 16 images, fewer than the global batch 32"),
+    (["--data", "synthetic:256", "--bn-splits", "3"], "per-process batch 32 does not divide into --bn-splits 3"),
+])
+def test_start_up_errors(argv, message, tmp_path):
+    defaults = ["-a", "resnet18", "-b", "32", "-j", "0", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as err:
+        moco.main(argv + defaults + ([] if "--moco-k" in argv else ["--moco-k", "128"]))
+    assert str(err.value) == f"moco.py: {message}"
+
+
+def test_batch_not_divisible_by_world_size(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as err:
+        moco.main(["--data", "synthetic:256", "-b", "32", "--moco-k", "128", "--output-dir", str(tmp_path)])
+    assert str(err.value) == "moco.py: global batch 32 does not divide by the world size 3"
+
+
+def test_empty_folder_and_unreadable_image_are_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_script("moco.py", "--data", tmp_path / "empty", "-a", "resnet18", "-b", "4", "--moco-k", "8")
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0
+    assert last_line(proc.stderr).startswith(f"moco.py: data folder '{tmp_path / 'empty'}' holds no images")
+    make_image_folder(tmp_path / "bad", bad=True)
+    for workers in ("0", "2"):  # in the main process and re-raised from a worker
+        proc = run_script("moco.py", "--data", tmp_path / "bad", "-a", "resnet18", "-b", "4", "--moco-k", "8",
+                          "-j", workers, "--image-size", "32", "--output-dir", tmp_path / "out")
+        assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert last_line(proc.stderr).startswith("moco.py: cannot read image '"), proc.stderr
+
+
+def test_an_image_folder_trains(tmp_path):
+    make_image_folder(tmp_path / "imgs" / "train")
+    moco.main(["--data", str(tmp_path / "imgs"), "-a", "resnet18", "-b", "4", "--moco-k", "8", "-j", "0",
+               "--image-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")])
+    assert torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    torch.save({"method": "simclr", "state_dict": {}, "epoch": 3}, tmp_path / "other.pth.tar")
+    with pytest.raises(SystemExit) as err:
+        moco.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--resume", str(tmp_path / "other.pth.tar")])
+    assert str(err.value) == f"moco.py: '{tmp_path / 'other.pth.tar'}' is not a moco checkpoint (found: simclr)"
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    moco.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    before = (tmp_path / "checkpoint.pth.tar").read_bytes()
+    monkeypatch.setattr(moco, "infonce_loss", lambda logits, labels: F.cross_entropy(logits, labels) * float("nan"))
+    with pytest.raises(SystemExit) as err:
+        moco.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
+    assert str(err.value).startswith("moco.py: loss is nan at epoch 1 step 0; stopped")
+    assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
+
+
+def test_removed_official_flags_point_to_torchrun(capsys):
+    with pytest.raises(SystemExit):
+        moco.parse_args(["--data", "synthetic", "--multiprocessing-distributed"])
+    assert "is gone: launch with torchrun" in capsys.readouterr().err
