@@ -78,14 +78,17 @@ class MultiView:
 
 
 class GaussianBlur:
-    """PIL Gaussian blur with σ drawn uniformly from `sigma` per image (SimCLR App. A; MoCo v2).
-    The kernel is PIL's (≈3σ wide), so it does not depend on the image size."""
+    """PIL Gaussian blur with σ drawn uniformly from `sigma` per image (MoCo v2, SimSiam: σ ∈ [0.1, 2]
+    at 224 px). σ is given for a `reference_size`-pixel image and scaled with the image's width,
+    so a 32 px image is blurred as much, relatively, as a 224 px one (SimCLR App. A defines its
+    blur kernel the same way, as 10 % of the image side); at 224 px this is the papers' op."""
 
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
+    def __init__(self, sigma=(0.1, 2.0), reference_size: int = 224):
+        self.sigma, self.reference_size = sigma, reference_size
 
     def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+        sigma = random.uniform(*self.sigma) * img.width / self.reference_size
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:

@@ -116,7 +116,8 @@ class MoCo(nn.Module):
         for param_q, param_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
             param_k.data.copy_(param_q.data)  # the key encoder starts as a copy of the query encoder
             param_k.requires_grad = False  # and is never updated by gradient (Sec. 3.2)
-        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # dim×K
+        # dim×K; a fixed generator makes it the same on every rank (DDP does not sync buffers here)
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K, generator=torch.Generator().manual_seed(0)), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     @torch.no_grad()

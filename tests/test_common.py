@@ -35,6 +35,10 @@ def test_gaussian_blur_draws_sigma_per_image():
     weak, strong = common.GaussianBlur((0.1, 0.1))(img), common.GaussianBlur((3.0, 3.0))(img)
     to_tensor = transforms.ToTensor()
     assert to_tensor(strong).std() < to_tensor(weak).std() < to_tensor(img).std() + 1e-6
+    # σ is relative to a 224 px image: σ=2 on 224 px equals σ=2·32/224 on 32 px
+    from PIL import ImageFilter
+    by_hand = img.filter(ImageFilter.GaussianBlur(radius=2.0 * 32 / 224))
+    assert torch.equal(to_tensor(common.GaussianBlur((2.0, 2.0))(img)), to_tensor(by_hand))
 
 
 # ----------------------------------------------------------------------------------- synthetic

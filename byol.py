@@ -1,0 +1,368 @@
+"""BYOL: Bootstrap Your Own Latent, a new approach to self-supervised learning.
+Grill, Strub, Altché, Tallec, Richemond, Buchatskaya, Doersch, Pires, Guo, Azar, Piot, Kavukcuoglu,
+Munos, Valko, NeurIPS 2020, arXiv:2006.07733.
+
+An online network (encoder, projector, predictor) learns to predict, for one augmented view, the
+target network's projection of another view (Eq. 2, symmetrised in Sec. 3.1). No negatives: the
+target is an exponential moving average of the online weights (Eq. 1) and gets no gradient, and
+the predictor makes online and target asymmetric, which is what keeps the representation from
+collapsing. LARS, large batches, global BN and asymmetric augmentations (Table 6) as in Sec. 3.3.
+
+    python byol.py --data synthetic -a resnet18 -b 256 --epochs 20 -j 2                     # CPU or 1 GPU
+    torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # 1 node
+    torchrun --nproc_per_node=8 byol.py --data /imagenet --epochs 1000                         # Table 1 (Sec. 3.3)
+    torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 byol.py --data /imagenet
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as models
+import torchvision.transforms as transforms
+
+import common
+
+PROG = "byol.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="BYOL pre-training")
+    group = parser.add_argument_group("data")  # SCAFFOLD
+    group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
+    group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
+    group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
+    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet")
+    group.add_argument("--dim", type=int, default=256, help="projection and prediction size (Sec. 3.3)")
+    group.add_argument("--hidden-dim", type=int, default=4096, help="hidden size of projector and predictor (Sec. 3.3)")
+    group = parser.add_argument_group("method")
+    group.add_argument("--tau-base", "--base-target-ema", type=float, default=0.996,
+                       help="target decay rate τ at step 0, raised to 1 by a cosine (Sec. 3.3)")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=300)
+    group.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up (Sec. 3.3)")
+    group.add_argument("-b", "--batch-size", type=int, default=4096, help="global batch over all processes")
+    group.add_argument("--lr", "--learning-rate", type=float, default=0.2, help="base lr for batch 256: lr × batch/256")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--wd", "--weight-decay", type=float, default=1.5e-6)
+    group = parser.add_argument_group("run")  # SCAFFOLD
+    group.add_argument("--output-dir", default="./runs/byol")
+    group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
+    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
+    group.add_argument("-p", "--print-freq", type=int, default=10)
+    for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
+        group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data = args.data or args.data_pos
+    if not args.data:
+        parser.error("--data is required")
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    return args
+
+
+class GoneFlag(argparse.Action):  # SCAFFOLD
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Sec. 3.3, Architecture: Linear → BN → ReLU → Linear; projector and predictor share it. The
+    last Linear has no bias, as in the official code (networks.MLP, with_bias=False)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim, bias=False))
+
+
+class BYOL(nn.Module):
+    def __init__(self, base_encoder, dim: int = 256, hidden_dim: int = 4096):
+        super().__init__()
+        self.encoder = base_encoder(num_classes=dim)  # online f_θ; its fc becomes the projector g_θ
+        self.encoder.fc = mlp(self.encoder.fc.in_features, hidden_dim, dim)
+        self.predictor = mlp(dim, hidden_dim, dim)  # q_θ, online only: the asymmetry (Sec. 3.1)
+        self.target_encoder = copy.deepcopy(self.encoder)  # f_ξ and g_ξ start as a copy of θ
+        self.target_encoder.requires_grad_(False)  # ξ moves only by Eq. (1), never by gradient
+
+    @torch.no_grad()
+    def _update_target_network(self, tau: float):
+        """Eq. (1): ξ ← τ·ξ + (1−τ)·θ, one fused op over all parameters. BN running statistics are
+        not averaged: the target keeps its own, from its own forward passes (as the official code)."""
+        params_t = list(self.target_encoder.parameters())
+        torch._foreach_mul_(params_t, tau)
+        torch._foreach_add_(params_t, list(self.encoder.parameters()), alpha=1 - tau)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        """Online predictions p1, p2 (q_θ(z_θ) of view 1 and 2) and target projections z1, z2
+        (z'_ξ), all N×dim. Each view is its own BN batch, as in the official code."""
+        p1, p2 = self.predictor(self.encoder(x1)), self.predictor(self.encoder(x2))
+        with torch.no_grad():  # stop-gradient on the target (Fig. 2)
+            z1, z2 = self.target_encoder(x1), self.target_encoder(x2)
+        return p1, p2, z1, z2
+
+
+def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Eq. (2): ‖p̄ − z̄‖² = 2 − 2·⟨p, z⟩/(‖p‖·‖z‖) per sample (N), in [0, 4]."""
+    return 2 - 2 * (F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(1)
+
+
+def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Sec. 3.1: L^BYOL = L + L̃, view 1 predicts view 2's target and view 2 view 1's (the sum, not the
+    mean, as the paper and the official code: in [0, 8]), averaged over the batch."""
+    return (regression_loss(p1, z2) + regression_loss(p2, z1)).mean()
+
+
+def target_tau(step: int, total_steps: int, tau_base: float) -> float:
+    """Sec. 3.3: τ_k = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2, from τ_base at k = 0 to 1 at k = K."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+def build_transform(args) -> common.MultiView:
+    """Table 6 (App. B): the two views differ only in blur (p 1.0 / 0.1) and solarisation (0.0 / 0.2)."""
+    kernel = 2 * int(args.image_size / 20) + 1  # odd, ≈10 % of the image side: 23 at 224 (App. B)
+
+    def view(blur_p: float, solarize_p: float) -> transforms.Compose:
+        return transforms.Compose([
+            transforms.RandomResizedCrop(args.image_size, scale=(0.08, 1.0),
+                                         interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # random order
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p),
+            transforms.RandomSolarize(128, p=solarize_p),
+            transforms.ToTensor(), common.normalize])
+    return common.MultiView([view(1.0, 0.0), view(0.1, 0.2)])
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient, rank order; the input itself when there is no process group."""
+    if not dist.is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with momentum. Parameters in a group with
+    `lars_exclude=True` (biases and BN, SimCLR App. B.1) get plain SGD with momentum and no weight
+    decay. Fused over the parameters: no per-parameter Python loop on the device."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # g + λw
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                # local lr η·‖w‖/‖g + λw‖, 1 where either norm is 0 (Alg. 1)
+                trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                    group["trust_coefficient"] * w_norm / g_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            bufs = []
+            for p, g in zip(params, grads):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def lars_param_groups(model: nn.Module) -> list:
+    """Sec. 3.3: biases and BN parameters (the 1-d ones) are excluded from weight decay and from
+    the LARS adaptation; the target network is not optimised at all."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim == 1], "lars_exclude": True, "weight_decay": 0.0}]
+
+
+def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+    batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
+    losses, taus = common.AverageMeter("Loss", ":.4e"), common.AverageMeter("Tau", ":.6f")
+    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, taus],
+                                    prefix=f"Epoch: [{epoch}]")
+    model.train()
+    total_steps = args.epochs * len(loader)  # K: τ and lr are pure functions of the global step
+    end = time.time()
+    for i, (images, _) in enumerate(loader):
+        data_time.update(time.time() - end)
+        step = epoch * len(loader) + i
+        adjust_learning_rate(optimizer, step, len(loader), args)
+        x1, x2 = (x.to(device, non_blocking=True) for x in images)
+        loss = byol_loss(*model(x1, x2))
+        losses.update(loss, x1.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        tau = target_tau(step, total_steps, args.tau_base)
+        unwrap(model)._update_target_network(tau)  # Eq. (4): after the online step, with the new θ
+        taus.update(tau)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0 or i == len(loader) - 1:
+            check_finite(losses, epoch, i, args)  # the only host sync, every print-freq steps
+            if is_main:
+                progress.display(i)
+    return {"epoch": epoch, "loss": losses.avg, "tau": tau, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def adjust_learning_rate(optimizer, step: int, steps_per_epoch: int, args):
+    """Per step, as the official schedules.py: linear warm-up from 0 over --warmup-epochs, then
+    cosine decay to 0 over the remaining steps (Sec. 3.3)."""
+    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+    if step < warmup:
+        lr = args.init_lr * step / warmup
+    else:
+        lr = args.init_lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+def fail(message: str):
+    raise SystemExit(f"{PROG}: {message}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_finite(meter: common.AverageMeter, epoch: int, step: int, args):
+    if not math.isfinite(meter.avg):
+        fail(f"loss is {meter.avg} at epoch {epoch} step {step}; stopped, the last checkpoint in "
+             f"'{args.output_dir}' is untouched")
+
+
+def seed_everything(seed, offset: int = 0):
+    """With --seed, every epoch's randomness is a function of (seed, epoch, rank): resuming at an
+    epoch boundary then reproduces the uninterrupted run without saving RNG states."""
+    if seed is not None:
+        random.seed(seed + offset)
+        torch.manual_seed(seed + offset)
+
+
+def save_checkpoint(state: dict, output_dir: str):
+    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    path = os.path.join(output_dir, "checkpoint.pth.tar")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume_path(args) -> str:
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+        return path if os.path.isfile(path) else ""
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at '{args.resume}'")
+    return args.resume
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+    return ckpt["epoch"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    start_path = resume_path(args)
+
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = rank_and_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.seed is None
+    is_main = rank == 0
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    try:
+        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root)
+    except common.DataError as err:
+        fail(str(err))
+    if len(dataset) < args.batch_size:
+        fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
+    loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
+                                 world_size, train=True, seed=args.seed or 0)
+
+    if is_main:
+        print(f"=> creating model '{args.arch}'", flush=True)
+    model = BYOL(models.__dict__[args.arch], args.dim, args.hidden_dim)
+    if ddp and device.type == "cuda":  # METHOD: global BN over the whole batch (Sec. 3.3); torch's SyncBN is GPU-only
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    args.init_lr = args.lr * args.batch_size / 256  # METHOD: Sec. 3.3, lr = 0.2 × batch/256
+    optimizer = LARS(lars_param_groups(model), args.init_lr, momentum=args.momentum, weight_decay=args.wd)
+    if start_path:
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        args.start_epoch = load_checkpoint(start_path, model, optimizer, "byol")
+        if is_main:
+            print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
+    if ddp:  # no buffer broadcast: the method keeps its queue/bank identical, re-sending it every step would be a copy
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+        try:  # METHOD: lr and τ are set per step inside, from the global step
+            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
+        except common.DataError as err:
+            fail(common.data_error_message(err))
+        if is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint({"method": "byol", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
+                             "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                             "optimizer": optimizer.state_dict(), "tau": metrics["tau"]}, args.output_dir)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""CMC: Contrastive Multiview Coding.
+Tian, Krishnan, Isola, ECCV 2020, arXiv:1906.05849.
+
+Two views of one image, the L and ab channels of Lab (or Y and CbCr with --view YCbCr), each get
+their own encoder. A view's feature must pick out the other view of the same image among K noise
+images (Eq. 3-5): the loss is symmetric, L(l→ab) + L(ab→l). The other views come from a memory
+bank per view (Wu et al. 2018) that holds one slowly updated feature per training image, and the
+(K+1)-way softmax is approximated by NCE with a normalisation constant Z fixed after the first
+batch (Sec. 3.2, "Implementing the contrastive loss"); --softmax uses the exact cross-entropy.
+
+    python cmc.py --data synthetic -a resnet18 -b 128 --nce-k 4096 --epochs 20 -j 2       # CPU or 1 GPU
+    torchrun --nproc_per_node=4 cmc.py --data /imagenet                                      # official recipe: NCE, Lab
+    torchrun --nproc_per_node=4 cmc.py --data /imagenet --softmax --view YCbCr --nce-k 16384  # the README's better setting
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 cmc.py --data /imagenet
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as models
+import torchvision.transforms as transforms
+
+import common
+
+PROG = "cmc.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="CMC pre-training (two colour views, memory banks)")
+    group = parser.add_argument_group("data")  # SCAFFOLD
+    group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
+    group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
+    group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
+    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet (one per view)")
+    group.add_argument("--feat-dim", "--feat_dim", type=int, default=128, help="feature dimension d")
+    group = parser.add_argument_group("method")
+    group.add_argument("--view", default="Lab", choices=["Lab", "YCbCr"], help="colour space split into the two views")
+    group.add_argument("--nce-k", "--nce_k", type=int, default=4096, help="noise samples K per positive")
+    group.add_argument("--nce-t", "--nce_t", type=float, default=0.07, help="temperature τ (Eq. 4)")
+    group.add_argument("--nce-m", "--nce_m", type=float, default=0.5, help="memory-bank momentum")
+    group.add_argument("--softmax", action="store_true", help="(K+1)-way softmax cross-entropy instead of NCE")
+    group.add_argument("--crop-min", "--crop_low", type=float, default=0.2,
+                       help="smallest crop area (official, ResNets on ImageNet: 0.08)")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=240)
+    group.add_argument("-b", "--batch-size", type=int, default=128, help="global batch over all processes")
+    group.add_argument("--lr", "--learning-rate", type=float, default=0.03, help="lr (not scaled by batch)")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
+    group.add_argument("--schedule", type=int, nargs="*", default=[120, 160, 200], help="lr ×0.1 at these epochs")
+    group = parser.add_argument_group("run")  # SCAFFOLD
+    group.add_argument("--output-dir", default="./runs/cmc")
+    group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
+    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
+    group.add_argument("-p", "--print-freq", type=int, default=10)
+    for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
+        group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data = args.data or args.data_pos
+    if not args.data:
+        parser.error("--data is required")
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    return args
+
+
+class GoneFlag(argparse.Action):  # SCAFFOLD
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+class CMC(nn.Module):
+    def __init__(self, base_encoder, n_data: int, dim: int = 128, K: int = 4096, T: float = 0.07,
+                 m: float = 0.5, softmax: bool = False):
+        super().__init__()
+        self.n_data, self.K, self.T, self.m, self.softmax = n_data, K, T, m, softmax
+        self.encoder_l = base_encoder(num_classes=dim)  # L (or Y): 1 input channel
+        self.encoder_ab = base_encoder(num_classes=dim)  # ab (or CbCr): 2 input channels
+        for encoder, in_channels in ((self.encoder_l, 1), (self.encoder_ab, 2)):
+            encoder.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(encoder.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+        # One bank per view, a feature per training image (Sec. 3.2, after Wu et al. 2018). Buffers: in
+        # the checkpoint, restored on resume, never sent by DDP (broadcast_buffers=False skips them even
+        # at construction), so every rank draws the same initial rows from a fixed generator and
+        # _update_memory keeps them identical.
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("memory_l", F.normalize(torch.randn(n_data, dim, generator=generator), dim=1))  # N×d
+        self.register_buffer("memory_ab", F.normalize(torch.randn(n_data, dim, generator=generator), dim=1))  # N×d
+        self.register_buffer("Z_l", torch.tensor(-1.0))  # NCE normalisation constants, −1 = not estimated yet
+        self.register_buffer("Z_ab", torch.tensor(-1.0))
+        self.Z_known = False  # host-side flag: the buffers are read on the host once per run, not every step
+
+    @torch.no_grad()
+    def _estimate_Z(self, s_l: torch.Tensor, s_ab: torch.Tensor):
+        """Wu et al. 2018, Eq. (8): Z ≈ N·E[exp(s)], estimated on the first batch and then fixed. The
+        batch mean is averaged over the ranks, so every rank holds the same Z."""
+        if self.Z_known:
+            return
+        if not (self.Z_l > 0 and self.Z_ab > 0):  # not resumed from a checkpoint that has them
+            mean = torch.stack([s_l.exp().mean(), s_ab.exp().mean()])
+            if dist.is_initialized():
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            self.Z_l.copy_(mean[0] * self.n_data)
+            self.Z_ab.copy_(mean[1] * self.n_data)
+        self.Z_known = True
+
+    @torch.no_grad()
+    def _update_memory(self, index: torch.Tensor, f_l: torch.Tensor, f_ab: torch.Tensor):
+        """v_i ← normalise(m·v_i + (1−m)·f_i) for the images of the whole global batch, each bank with
+        its own view's feature (Wu et al. Sec. 3.1; m = 0.5 is the official code's). All ranks apply the
+        same gathered update, so the banks stay identical without ever being sent."""
+        index = concat_all_gather(index)  # global_batch
+        for bank, f in ((self.memory_l, concat_all_gather(f_l)), (self.memory_ab, concat_all_gather(f_ab))):
+            bank.index_copy_(0, index, F.normalize(self.m * bank[index] + (1 - self.m) * f, dim=1))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor):
+        """x: B×3×H×W, channels [L|ab] (or [Y|CbCr]); index: B dataset indices. Returns out_l, out_ab
+        (B×(K+1), column 0 the positive: NCE P = exp(s)/Z, or with --softmax the logits s) and the
+        detached features B×d. The caller updates the banks after the step (scores used the old rows)."""
+        f_l = F.normalize(self.encoder_l(x[:, :1]), dim=1)  # B×d
+        f_ab = F.normalize(self.encoder_ab(x[:, 1:]), dim=1)  # B×d
+        idx = torch.randint(self.n_data, (x.shape[0], self.K + 1), device=x.device)  # uniform noise, per rank
+        idx[:, 0] = index  # the positive: the image's own row in the other view's bank
+        # Eq. (4), cross-view: view l is scored against bank ab, view ab against bank l
+        s_l = torch.bmm(self.memory_ab[idx], f_l.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
+        s_ab = torch.bmm(self.memory_l[idx], f_ab.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
+        if self.softmax:
+            return s_l, s_ab, f_l.detach(), f_ab.detach()
+        self._estimate_Z(s_l, s_ab)
+        return s_l.exp() / self.Z_l, s_ab.exp() / self.Z_ab, f_l.detach(), f_ab.detach()
+
+
+def nce_loss(P: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """NCE (Wu et al. 2018, Eq. 6-7), as the official NCECriterion. P: B×(K+1) = exp(s)/Z, column 0
+    the positive. With uniform noise Pn = 1/N, a score came from the data with posterior
+    h = P/(P + K·Pn); L = −mean_B[log h(positive) + Σ_k log(1 − h(noise_k))]."""
+    noise = (P.shape[1] - 1) / n_data  # K·Pn
+    log_h_positive = (P[:, 0] / (P[:, 0] + noise + eps)).log()  # B
+    log_1_minus_h_noise = (noise / (P[:, 1:] + noise + eps)).log()  # B×K
+    return -(log_h_positive + log_1_minus_h_noise.sum(1)).mean()
+
+
+def cmc_loss(out_l: torch.Tensor, out_ab: torch.Tensor, n_data: int, softmax: bool):
+    """Eq. (5): L = L(l→ab) + L(ab→l). Also returns the mean probability of the positive per view (the
+    official l_p, ab_p): NCE mode P = exp(s)/Z of column 0, softmax mode its softmax probability."""
+    if softmax:  # Eq. (3) over the K+1 sampled candidates: cross-entropy with label 0
+        labels = torch.zeros(out_l.shape[0], dtype=torch.long, device=out_l.device)
+        loss = F.cross_entropy(out_l, labels) + F.cross_entropy(out_ab, labels)
+        return loss, out_l.softmax(1)[:, 0].mean(), out_ab.softmax(1)[:, 0].mean()
+    return nce_loss(out_l, n_data) + nce_loss(out_ab, n_data), out_l[:, 0].mean(), out_ab[:, 0].mean()
+
+
+def build_transform(args) -> transforms.Compose:
+    """Official CMC: crop, flip, then the colour space; the model splits [L|ab] (Sec. 4.1)."""
+    return transforms.Compose([transforms.RandomResizedCrop(args.image_size, scale=(args.crop_min, 1.0)),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                               common.ToColorSpace(args.view)])
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient, rank order; the input itself when there is no process group."""
+    if not dist.is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+    batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
+    losses = common.AverageMeter("Loss", ":.4e")
+    l_prob, ab_prob = common.AverageMeter("l_p", ":.4f"), common.AverageMeter("ab_p", ":.4f")
+    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, l_prob, ab_prob],
+                                    prefix=f"Epoch: [{epoch}]")
+    model.train()
+    n_data = unwrap(model).n_data
+    end = time.time()
+    for i, (images, _, index) in enumerate(loader):
+        data_time.update(time.time() - end)
+        images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
+        out_l, out_ab, f_l, f_ab = model(images, index)
+        loss, l_p, ab_p = cmc_loss(out_l, out_ab, n_data, args.softmax)
+        losses.update(loss, images.shape[0]), l_prob.update(l_p, images.shape[0]), ab_prob.update(ab_p, images.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        unwrap(model)._update_memory(index, f_l, f_ab)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0 or i == len(loader) - 1:
+            check_finite(losses, epoch, i, args)  # the only host sync, every print-freq steps
+            if is_main:
+                progress.display(i)
+    return {"epoch": epoch, "loss": losses.avg, "l_p": l_prob.avg, "ab_p": ab_prob.avg,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def adjust_learning_rate(optimizer, epoch: int, args):
+    """Per epoch: ×0.1 at each --schedule milestone (official train_CMC.py: 120, 160, 200 of 240)."""
+    lr = args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+def fail(message: str):
+    raise SystemExit(f"{PROG}: {message}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_finite(meter: common.AverageMeter, epoch: int, step: int, args):
+    if not math.isfinite(meter.avg):
+        fail(f"loss is {meter.avg} at epoch {epoch} step {step}; stopped, the last checkpoint in "
+             f"'{args.output_dir}' is untouched")
+
+
+def seed_everything(seed, offset: int = 0):
+    """With --seed, every epoch's randomness is a function of (seed, epoch, rank): resuming at an
+    epoch boundary then reproduces the uninterrupted run without saving RNG states."""
+    if seed is not None:
+        random.seed(seed + offset)
+        torch.manual_seed(seed + offset)
+
+
+def save_checkpoint(state: dict, output_dir: str):
+    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    path = os.path.join(output_dir, "checkpoint.pth.tar")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume_path(args) -> str:
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+        return path if os.path.isfile(path) else ""
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at '{args.resume}'")
+    return args.resume
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+    return ckpt["epoch"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    start_path = resume_path(args)
+
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = rank_and_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.seed is None
+    is_main = rank == 0
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    try:
+        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root,
+                                       return_index=True)  # METHOD: the bank row of each image
+    except common.DataError as err:
+        fail(str(err))
+    if len(dataset) < args.batch_size:
+        fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
+    if args.nce_k >= len(dataset):  # METHOD: the K noise rows are drawn from a bank of one row per image
+        fail(f"--nce-k {args.nce_k} must be smaller than the memory bank ({len(dataset)} images in '{args.data}')")
+    loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
+                                 world_size, train=True, seed=args.seed or 0)
+
+    if is_main:
+        print(f"=> creating model '{args.arch}'", flush=True)
+    model = CMC(models.__dict__[args.arch], len(dataset), args.feat_dim, args.nce_k, args.nce_t,
+                args.nce_m, args.softmax).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+    if start_path:
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        args.start_epoch = load_checkpoint(start_path, model, optimizer, "cmc")
+        if is_main:
+            print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
+    if ddp:  # no buffer broadcast: the method keeps its queue/bank identical, re-sending it every step would be a copy
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+        adjust_learning_rate(optimizer, epoch, args)
+        try:
+            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
+        except common.DataError as err:
+            fail(common.data_error_message(err))
+        if is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint({"method": "cmc", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
+                             "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                             "optimizer": optimizer.state_dict()}, args.output_dir)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

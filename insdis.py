@@ -1,0 +1,400 @@
+"""InsDis: Unsupervised Feature Learning via Non-Parametric Instance Discrimination.
+Wu, Xiong, Yu, Lin, CVPR 2018, arXiv:1805.01978.
+
+Every training image is its own class. A memory bank V holds one L2-normalised 128-d feature per
+image; the encoder is trained so that an image's feature picks out its own bank row among all N
+(the non-parametric softmax, Eq. 2). The N-way softmax is approximated by NCE against K rows drawn
+uniformly from the bank (Eq. 4-7) with a normalisation constant Z fixed after the first batch
+(Eq. 8); --softmax uses the (K+1)-way cross-entropy instead. Each step moves the batch's bank rows
+towards the new features. Progress is monitored with a weighted kNN on the bank (Sec. 3.4).
+
+    python insdis.py --data synthetic -a resnet18 -b 128 --nce-k 4096 --epochs 20 -j 2   # CPU or 1 GPU
+    torchrun --nproc_per_node=4 insdis.py --data /imagenet                                 # paper: NCE, K 4096
+    torchrun --nproc_per_node=4 insdis.py --data /imagenet --softmax --nce-k 16384          # CMC repo's better setting
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 insdis.py --data /imagenet
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as models
+import torchvision.transforms as transforms
+
+import common
+
+PROG = "insdis.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="InsDis pre-training (instance discrimination, memory bank)")
+    group = parser.add_argument_group("data")  # SCAFFOLD
+    group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
+    group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
+    group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
+    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet")
+    group.add_argument("--feat-dim", "--feat_dim", type=int, default=128, help="feature dimension d")
+    group = parser.add_argument_group("method")
+    group.add_argument("--nce-k", "--nce_k", type=int, default=4096, help="noise samples K per positive")
+    group.add_argument("--nce-t", "--nce_t", type=float, default=0.07, help="temperature τ (Eq. 2)")
+    group.add_argument("--nce-m", "--nce_m", type=float, default=0.5, help="bank momentum (0: plain replacement)")
+    group.add_argument("--softmax", action="store_true", help="(K+1)-way softmax cross-entropy instead of NCE")
+    group.add_argument("--prox-lambda", type=float, default=0.0, help="proximal term λ (Eq. 10); 0 = off")
+    group.add_argument("--knn-k", type=int, default=200, help="kNN monitor after each epoch (Sec. 3.4); 0 = off")
+    group.add_argument("--knn-t", type=float, default=0.07, help="kNN vote temperature")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=200)
+    group.add_argument("-b", "--batch-size", type=int, default=256, help="global batch over all processes")
+    group.add_argument("--lr", "--learning-rate", type=float, default=0.03, help="lr (not scaled by batch)")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
+    group.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="lr ×0.1 at these epochs")
+    group = parser.add_argument_group("run")  # SCAFFOLD
+    group.add_argument("--output-dir", default="./runs/insdis")
+    group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
+    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
+    group.add_argument("-p", "--print-freq", type=int, default=10)
+    for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
+        group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data = args.data or args.data_pos
+    if not args.data:
+        parser.error("--data is required")
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    return args
+
+
+class GoneFlag(argparse.Action):  # SCAFFOLD
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+class InsDis(nn.Module):
+    def __init__(self, base_encoder, n_data: int, dim: int = 128, K: int = 4096, T: float = 0.07,
+                 m: float = 0.5, softmax: bool = False):
+        super().__init__()
+        self.n_data, self.K, self.T, self.m, self.softmax = n_data, K, T, m, softmax
+        self.encoder = base_encoder(num_classes=dim)  # fc is the 128-d projection (Sec. 3, Fig. 2)
+        # Sec. 3.1: one feature per training image, initialised as random unit vectors. Buffers: in the
+        # checkpoint, restored on resume, never broadcast by DDP (kept identical by _update_memory). DDP
+        # with broadcast_buffers=False does not sync buffers at start either: a fixed generator makes
+        # the initial bank the same on every rank, with or without --seed.
+        initial = torch.randn(n_data, dim, generator=torch.Generator().manual_seed(0))
+        self.register_buffer("memory", F.normalize(initial, dim=1))  # N×d
+        self.register_buffer("Z", torch.tensor(-1.0))  # NCE normalisation constant, −1 = not estimated yet
+        self.Z_known = False  # host-side flag: the buffer is read on the host once per run, not every step
+
+    @torch.no_grad()
+    def _estimate_Z(self, s: torch.Tensor):
+        """Eq. (8): Z ≈ N·E_j[exp(v_j·f/τ)], estimated on the first batch and then fixed. The batch
+        mean is averaged over the ranks, so every rank holds the same Z."""
+        if self.Z_known:
+            return
+        if not self.Z > 0:  # not resumed from a checkpoint that has it
+            mean = s.exp().mean()
+            if dist.is_initialized():
+                dist.all_reduce(mean)
+                mean /= dist.get_world_size()
+            self.Z.copy_(mean * self.n_data)
+        self.Z_known = True
+
+    @torch.no_grad()
+    def _update_memory(self, index: torch.Tensor, f: torch.Tensor):
+        """v_i ← normalise(m·v_i + (1−m)·f_i) for the images of the whole global batch (Sec. 3.1; the
+        momentum m = 0.5 is the official code's). All ranks apply the same gathered update, so the
+        banks stay identical without ever being sent."""
+        index, f = concat_all_gather(index), concat_all_gather(f)  # global_batch, global_batch×d
+        self.memory.index_copy_(0, index, F.normalize(self.m * self.memory[index] + (1 - self.m) * f, dim=1))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor):
+        """x: B×3×H×W; index: B dataset indices. Returns out (B×(K+1), column 0 the positive: NCE
+        P = exp(s)/Z, or with --softmax the logits s), the features f (B×d, with gradient) and the
+        positives' bank rows v_i^(t−1) (B×d). The caller updates the bank after the step."""
+        f = F.normalize(self.encoder(x), dim=1)  # B×d
+        idx = torch.randint(self.n_data, (x.shape[0], self.K + 1), device=x.device)  # uniform noise, per rank
+        idx[:, 0] = index  # the positive: the image's own bank row
+        weight = self.memory[idx]  # B×(K+1)×d, gathered rows (the bank itself is never copied)
+        s = torch.bmm(weight, f.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1), v_j·f/τ (Eq. 2)
+        if self.softmax:
+            return s, f, weight[:, 0]
+        self._estimate_Z(s)
+        return s.exp() / self.Z, f, weight[:, 0]  # Eq. (4) with Z_i ≈ Z
+
+
+def nce_loss(P: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """NCE (Eq. 6-7), as the official NCECriterion. P: B×(K+1) = exp(s)/Z, column 0 the positive.
+    With uniform noise Pn = 1/N, a score came from the data with posterior h = P/(P + K·Pn);
+    L = −mean_B[log h(positive) + Σ_k log(1 − h(noise_k))]."""
+    noise = (P.shape[1] - 1) / n_data  # K·Pn
+    log_h_positive = (P[:, 0] / (P[:, 0] + noise + eps)).log()  # B
+    log_1_minus_h_noise = (noise / (P[:, 1:] + noise + eps)).log()  # B×K
+    return -(log_h_positive + log_1_minus_h_noise.sum(1)).mean()
+
+
+def insdis_loss(out: torch.Tensor, f: torch.Tensor, v: torch.Tensor, n_data: int, softmax: bool,
+                prox_lambda: float = 0.0):
+    """NCE, or with --softmax the cross-entropy of the K+1 sampled candidates, label 0 (Eq. 2
+    restricted to the sample). Plus Eq. (10)'s proximal term λ‖v_i^(t) − v_i^(t−1)‖² on the positive,
+    with v_i^(t) = f_i, the current feature. Also returns the mean probability of the positive (the
+    official `prob`): NCE mode P = exp(s)/Z of column 0, softmax mode its softmax probability."""
+    if softmax:
+        loss = F.cross_entropy(out, torch.zeros(out.shape[0], dtype=torch.long, device=out.device))
+        prob = out.softmax(1)[:, 0].mean()
+    else:
+        loss, prob = nce_loss(out, n_data), out[:, 0].mean()
+    if prox_lambda:
+        loss = loss + prox_lambda * (f - v).pow(2).sum(1).mean()
+    return loss, prob
+
+
+def build_transform(args) -> transforms.Compose:
+    """One view per image, the official lemniscate recipe (the one MoCo v1 adopted)."""
+    return transforms.Compose([transforms.RandomResizedCrop(args.image_size, scale=(0.2, 1.0)),
+                               transforms.RandomGrayscale(p=0.2),
+                               transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor(), common.normalize])
+
+
+def eval_transform(args) -> transforms.Compose:
+    return transforms.Compose([transforms.Resize(round(args.image_size / 0.875)),
+                               transforms.CenterCrop(args.image_size), transforms.ToTensor(), common.normalize])
+
+
+@torch.no_grad()
+def knn_accuracy(feats: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
+                 k: int = 200, T: float = 0.07, chunk: int = 256) -> torch.Tensor:
+    """Sec. 3.4: the k bank rows most cosine-similar to a validation feature vote for their class with
+    weight exp(s_i/T). Inputs L2-normalised; bank rows with label −1 (unlabelled) do not vote.
+    Returns top-1 accuracy in percent (a device tensor)."""
+    labelled = bank_labels >= 0
+    if not labelled.all():  # masking copies the bank: only when some rows are unlabelled (STL-10)
+        bank, bank_labels = bank[labelled], bank_labels[labelled]
+    k, num_classes = min(k, bank.shape[0]), int(bank_labels.max()) + 1
+    correct = torch.zeros((), device=feats.device)
+    for start in range(0, feats.shape[0], chunk):  # chunk×N similarities: 1.3 GB for ImageNet at 256
+        sim, idx = (feats[start:start + chunk] @ bank.t()).topk(k, dim=1)  # chunk×k
+        votes = torch.zeros(sim.shape[0], num_classes, device=feats.device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / T).exp())
+        correct += (votes.argmax(1) == labels[start:start + chunk]).sum()
+    return correct * 100 / feats.shape[0]
+
+
+@torch.no_grad()
+def knn_monitor(model: nn.Module, loader, bank_labels: torch.Tensor, device, args) -> float:
+    """kNN top-1 of the validation split against the bank (as the official code's per-epoch test).
+    Each rank embeds its shard; gathered (index, feature) pairs fill the table on every rank."""
+    model = unwrap(model).eval()
+    n = len(loader.dataset)
+    feats = torch.zeros(n, model.memory.shape[1], device=device)  # n×d
+    labels = torch.zeros(n, dtype=torch.long, device=device)
+    for images, target, index in loader:
+        index = concat_all_gather(index.to(device))
+        feats[index] = concat_all_gather(F.normalize(model.encoder(images.to(device, non_blocking=True)), dim=1))
+        labels[index] = concat_all_gather(target.to(device))
+    return float(knn_accuracy(feats, labels, model.memory, bank_labels, args.knn_k, args.knn_t))
+
+
+def dataset_targets(dataset) -> torch.Tensor:
+    """Class labels of a build_dataset(..., return_index=True) dataset (STL-10: −1 for unlabelled)."""
+    inner = dataset.dataset
+    return torch.as_tensor(inner.labels if hasattr(inner, "labels") else inner.targets, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient, rank order; the input itself when there is no process group."""
+    if not dist.is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+    batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
+    losses, probs = common.AverageMeter("Loss", ":.4e"), common.AverageMeter("Prob", ":.4f")
+    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, probs],
+                                    prefix=f"Epoch: [{epoch}]")
+    model.train()
+    n_data = unwrap(model).n_data
+    end = time.time()
+    for i, (images, _, index) in enumerate(loader):
+        data_time.update(time.time() - end)
+        images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
+        out, f, v = model(images, index)
+        loss, prob = insdis_loss(out, f, v, n_data, args.softmax, args.prox_lambda)
+        losses.update(loss, images.shape[0]), probs.update(prob, images.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        unwrap(model)._update_memory(index, f.detach())
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0 or i == len(loader) - 1:
+            check_finite(losses, epoch, i, args)  # the only host sync, every print-freq steps
+            if is_main:
+                progress.display(i)
+    return {"epoch": epoch, "loss": losses.avg, "prob": probs.avg, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def adjust_learning_rate(optimizer, epoch: int, args):
+    """Per epoch: ×0.1 at each --schedule milestone (official: 120 and 160 of 200)."""
+    lr = args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+def fail(message: str):
+    raise SystemExit(f"{PROG}: {message}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_finite(meter: common.AverageMeter, epoch: int, step: int, args):
+    if not math.isfinite(meter.avg):
+        fail(f"loss is {meter.avg} at epoch {epoch} step {step}; stopped, the last checkpoint in "
+             f"'{args.output_dir}' is untouched")
+
+
+def seed_everything(seed, offset: int = 0):
+    """With --seed, every epoch's randomness is a function of (seed, epoch, rank): resuming at an
+    epoch boundary then reproduces the uninterrupted run without saving RNG states."""
+    if seed is not None:
+        random.seed(seed + offset)
+        torch.manual_seed(seed + offset)
+
+
+def save_checkpoint(state: dict, output_dir: str):
+    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    path = os.path.join(output_dir, "checkpoint.pth.tar")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume_path(args) -> str:
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+        return path if os.path.isfile(path) else ""
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at '{args.resume}'")
+    return args.resume
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+    return ckpt["epoch"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    start_path = resume_path(args)
+
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = rank_and_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.seed is None
+    is_main = rank == 0
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    try:
+        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root,
+                                       return_index=True)  # METHOD: the bank row of each image
+    except common.DataError as err:
+        fail(str(err))
+    if len(dataset) < args.batch_size:
+        fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
+    if args.nce_k >= len(dataset):  # METHOD: the K noise rows are drawn from a bank of one row per image
+        fail(f"--nce-k {args.nce_k} must be smaller than the memory bank ({len(dataset)} images in '{args.data}')")
+    loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
+                                 world_size, train=True, seed=args.seed or 0)
+    val_loader = None  # METHOD: the kNN monitor needs a labelled val split (an image folder may have none)
+    if args.knn_k > 0:
+        try:
+            val_set = common.build_dataset(args.data, "val", eval_transform(args), args.data_root, return_index=True)
+            val_loader = common.build_loader(val_set, args.batch_size // world_size, args.workers, rank,
+                                             world_size, train=False)
+            bank_labels = dataset_targets(dataset).to(device)
+        except common.DataError as err:
+            if is_main:
+                print(f"=> no kNN monitor: {err}", flush=True)
+
+    if is_main:
+        print(f"=> creating model '{args.arch}'", flush=True)
+    model = InsDis(models.__dict__[args.arch], len(dataset), args.feat_dim, args.nce_k, args.nce_t,
+                   args.nce_m, args.softmax).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+    if start_path:
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        args.start_epoch = load_checkpoint(start_path, model, optimizer, "insdis")
+        if is_main:
+            print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
+    if ddp:  # no buffer broadcast: the method keeps its queue/bank identical, re-sending it every step would be a copy
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+        adjust_learning_rate(optimizer, epoch, args)
+        try:
+            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
+            if val_loader is not None:  # METHOD: Sec. 3.4 on the bank, each epoch as the official code
+                metrics["knn_acc1"] = knn_monitor(model, val_loader, bank_labels, device, args)
+                if is_main:
+                    print(f" * kNN Acc@1 {metrics['knn_acc1']:.3f}", flush=True)
+        except common.DataError as err:
+            fail(common.data_error_message(err))
+        if is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint({"method": "insdis", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
+                             "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                             "optimizer": optimizer.state_dict()}, args.output_dir)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

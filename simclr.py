@@ -1,0 +1,370 @@
+"""SimCLR: A Simple Framework for Contrastive Learning of Visual Representations.
+Chen, Kornblith, Norouzi, Hinton, ICML 2020, arXiv:2002.05709.
+
+Two augmentations of every image go through one encoder f and a small MLP head g (Sec. 2.1).
+NT-Xent (Eq. 1) makes each of the 2N views pick its partner among the other 2N−1 views of the
+batch: the negatives are the batch itself, no queue or memory bank, so large batches (4096) with
+LARS and global BN (Sec. 2.2) and strong colour distortion plus crops (Sec. 3, App. A) make it work.
+Under DDP the views of all processes are gathered with their gradient: one loss over the global batch.
+
+    python simclr.py --data synthetic -a resnet18 -b 256 --epochs 20 --temperature 0.5 -j 2   # CPU or 1 GPU
+    torchrun --nproc_per_node=8 simclr.py --data /imagenet             # Sec. 2.3 default: batch 4096, 100 epochs
+    torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 simclr.py --data /imagenet
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as models
+import torchvision.transforms as transforms
+
+import common
+
+PROG = "simclr.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="SimCLR pre-training")
+    group = parser.add_argument_group("data")  # SCAFFOLD
+    group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
+    group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
+    group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
+    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet")
+    group.add_argument("--proj-out-dim", type=int, default=128, help="output dimension of the head g (Sec. 2.1)")
+    group = parser.add_argument_group("method")
+    group.add_argument("--temperature", type=float, default=0.1, help="τ of Eq. (1); 0.1 at batch 4096 (Table 5)")
+    group.add_argument("--color-jitter-strength", type=float, default=1.0, help="s: jitter (0.8s, 0.8s, 0.8s, 0.2s)")
+    group.add_argument("--blur-kernel", type=float, default=0.1, help="blur kernel / image side (App. A); 0: no blur")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=100)
+    group.add_argument("-b", "--batch-size", type=int, default=4096, help="global batch over all processes")
+    group.add_argument("--lr", "--learning-rate", type=float, default=0.3, help="lr for batch 256, scaled")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--wd", "--weight-decay", type=float, default=1e-6)
+    group.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up, then cosine (Sec. 2.3)")
+    group = parser.add_argument_group("run")  # SCAFFOLD
+    group.add_argument("--output-dir", default="./runs/simclr")
+    group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
+    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
+    group.add_argument("-p", "--print-freq", type=int, default=10)
+    for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
+        group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data = args.data or args.data_pos
+    if not args.data:
+        parser.error("--data is required")
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    return args
+
+
+class GoneFlag(argparse.Action):  # SCAFFOLD
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+class SimCLR(nn.Module):
+    """f (the ResNet) and g (its `fc`, Sec. 2.1): z = g(h) = W2·σ(W1·h), hidden width = width of h
+    (2048-2048-128 for ResNet-50). After pre-training g is thrown away and h is the representation."""
+
+    def __init__(self, base_encoder, dim: int = 128):
+        super().__init__()
+        self.encoder = base_encoder(num_classes=dim)
+        hidden = self.encoder.fc.in_features
+        self.encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), self.encoder.fc)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        """Both views in one pass, so BN normalises over all 2N views as in the official code."""
+        z = self.encoder(torch.cat([x1, x2]))  # 2n×dim
+        return z.chunk(2)
+
+
+class GatherLayer(torch.autograd.Function):
+    """All-gather that keeps the gradient. Forward: every rank gets the W·n×d rows of all ranks.
+    Backward: every rank's loss has a gradient for every rank's rows (as candidates); the all-reduce
+    sum hands rank r the sum over all losses for its own rows. With each rank's loss the mean over
+    its own anchors, rank r's embeddings then get W·∂L/∂z_r (L: the mean over all 2N anchors), and
+    DDP's 1/W gradient average makes the parameter gradient ∂L/∂θ, as one process holding the
+    global batch would compute it. Without the gradient, rank r would miss the other ranks' terms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows with gradient, rank order; the input itself when there is no process group."""
+    return GatherLayer.apply(x) if dist.is_initialized() else x
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float):
+    """Eq. (1): ℓ(i,j) = −log exp(sim(z_i,z_j)/τ) / Σ_{k≠i} exp(sim(z_i,z_k)/τ), sim = cosine, over
+    the 2N views of the global batch; the 2N−2 views of other images are the negatives. The mean
+    over this rank's 2n anchors (Alg. 1 averages over all 2N; DDP averages the ranks' gradients).
+    Returns the loss and the 2n×2N logits with the positive's column, for the accuracy meters."""
+    rank, _ = rank_and_world()
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2n×d, this rank's [view 1; view 2]
+    z_all = gather_with_grad(z)  # 2N×d, rank r's views at rows r·2n … (r+1)·2n−1
+    logits = z @ z_all.t() / tau  # 2n×2N: this rank's anchors against every view
+    idx = torch.arange(2 * n, device=z.device)
+    logits[idx, rank * 2 * n + idx] = float("-inf")  # k ≠ i in Eq. (1): an anchor is not its own candidate
+    labels = rank * 2 * n + (idx + n) % (2 * n)  # the positive: the other view of the same image
+    return F.cross_entropy(logits, labels), logits, labels
+
+
+def build_transform(args) -> common.MultiView:
+    """App. A: crop (area 0.08–1, aspect 3/4–4/3) and flip, colour distortion of strength s
+    (jitter p 0.8, drop p 0.2), Gaussian blur p 0.5 with σ ∈ [0.1, 2] and a kernel 10 % of the side."""
+    s = args.color_jitter_strength
+    kernel = 2 * int(args.blur_kernel * args.image_size / 2) + 1  # odd, as official: 23 px at 224
+    t = transforms.Compose([
+        transforms.RandomResizedCrop(args.image_size, scale=(0.08, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.RandomApply([transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([transforms.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5),
+        transforms.ToTensor(), common.normalize])
+    return common.MultiView([t, t])  # two independent draws from the same family (Sec. 2.1)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with momentum. Parameters in a group with
+    `lars_exclude=True` (biases and BN, SimCLR App. B.1) get plain SGD with momentum and no weight
+    decay. Fused over the parameters: no per-parameter Python loop on the device."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # g + λw
+                w_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                # local lr η·‖w‖/‖g + λw‖, 1 where either norm is 0 (Alg. 1)
+                trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                    group["trust_coefficient"] * w_norm / g_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(grads, list(trust.unbind()))
+            bufs = []
+            for p, g in zip(params, grads):
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def lars_param_groups(model: nn.Module) -> list:
+    """Biases and BN parameters (1-D) get neither weight decay nor LARS adaptation (official code)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "lars_exclude": True, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient, rank order; the input itself when there is no process group."""
+    if not dist.is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+    batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
+    losses = common.AverageMeter("Loss", ":.4e")
+    top1, top5 = common.AverageMeter("Acc@1", ":6.2f"), common.AverageMeter("Acc@5", ":6.2f")
+    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, top1, top5],
+                                    prefix=f"Epoch: [{epoch}]")
+    model.train()
+    end = time.time()
+    for i, (images, _) in enumerate(loader):
+        data_time.update(time.time() - end)
+        adjust_learning_rate(optimizer, epoch + i / len(loader), args)  # per step, from (epoch, step)
+        x1, x2 = (x.to(device, non_blocking=True) for x in images)
+        z1, z2 = model(x1, x2)
+        loss, logits, labels = nt_xent_loss(z1, z2, args.temperature)
+        acc1, acc5 = common.accuracy(logits, labels, topk=(1, 5))  # the positive among 2N−1 candidates
+        losses.update(loss, logits.shape[0]), top1.update(acc1, logits.shape[0]), top5.update(acc5, logits.shape[0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0 or i == len(loader) - 1:
+            check_finite(losses, epoch, i, args)  # the only host sync, every print-freq steps
+            if is_main:
+                progress.display(i)
+    return {"epoch": epoch, "loss": losses.avg, "acc1": top1.avg, "acc5": top5.avg,
+            "lr": optimizer.param_groups[0]["lr"]}
+
+
+def adjust_learning_rate(optimizer, epoch: float, args):
+    """Sec. 2.3: linear warm-up over --warmup-epochs to init_lr, then cosine decay to 0 (no restarts).
+    `epoch` is fractional (epoch + step/steps_per_epoch): a pure function of the step, so resume is exact."""
+    if epoch < args.warmup_epochs:
+        lr = args.init_lr * epoch / args.warmup_epochs
+    else:
+        progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1)
+        lr = args.init_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+def fail(message: str):
+    raise SystemExit(f"{PROG}: {message}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_finite(meter: common.AverageMeter, epoch: int, step: int, args):
+    if not math.isfinite(meter.avg):
+        fail(f"loss is {meter.avg} at epoch {epoch} step {step}; stopped, the last checkpoint in "
+             f"'{args.output_dir}' is untouched")
+
+
+def seed_everything(seed, offset: int = 0):
+    """With --seed, every epoch's randomness is a function of (seed, epoch, rank): resuming at an
+    epoch boundary then reproduces the uninterrupted run without saving RNG states."""
+    if seed is not None:
+        random.seed(seed + offset)
+        torch.manual_seed(seed + offset)
+
+
+def save_checkpoint(state: dict, output_dir: str):
+    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    path = os.path.join(output_dir, "checkpoint.pth.tar")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume_path(args) -> str:
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+        return path if os.path.isfile(path) else ""
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at '{args.resume}'")
+    return args.resume
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+    return ckpt["epoch"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    start_path = resume_path(args)
+
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = rank_and_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.seed is None
+    is_main = rank == 0
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    try:
+        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root)
+    except common.DataError as err:
+        fail(str(err))
+    if len(dataset) < args.batch_size:
+        fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
+    loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
+                                 world_size, train=True, seed=args.seed or 0)
+
+    if is_main:
+        print(f"=> creating model '{args.arch}'", flush=True)
+    model = SimCLR(models.__dict__[args.arch], args.proj_out_dim).to(device)
+    if ddp and device.type == "cuda":  # METHOD: Sec. 2.2, global BN (GPU-only in torch: per-process BN on CPU)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    args.init_lr = args.lr * args.batch_size / 256  # METHOD: Sec. 2.3, 0.3 × batch/256 (4.8 at 4096)
+    optimizer = LARS(lars_param_groups(model), args.init_lr, args.momentum, args.wd)
+    if start_path:
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        args.start_epoch = load_checkpoint(start_path, model, optimizer, "simclr")
+        if is_main:
+            print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
+    if ddp:  # no buffer broadcast: the method keeps its queue/bank identical, re-sending it every step would be a copy
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+        try:
+            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
+        except common.DataError as err:
+            fail(common.data_error_message(err))
+        if is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint({"method": "simclr", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
+                             "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                             "optimizer": optimizer.state_dict()}, args.output_dir)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

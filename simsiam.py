@@ -1,0 +1,303 @@
+"""SimSiam: Exploring Simple Siamese Representation Learning.
+Chen, He, CVPR 2021, arXiv:2011.10566.
+
+One encoder f (a ResNet whose fc is a 3-layer projection MLP) sees two views of an image; a
+prediction MLP h maps one view's z to the other's, minimising the negative cosine D (Eq. 1),
+symmetrised (Eq. 2). No negatives, no momentum encoder, no large batch: the stop-gradient on z
+(Eq. 3–4) alone keeps the outputs from collapsing to a constant (Sec. 4.1, Fig. 2), which the
+logged std of the L2-normalised z watches. SGD with a cosine schedule, MoCo v2 augmentation.
+
+    python simsiam.py --data synthetic -a resnet18 -b 128 --dim 512 --pred-dim 128 --epochs 20 -j 2  # CPU or 1 GPU
+    torchrun --nproc_per_node=8 simsiam.py --data /imagenet                                # Sec. 3 baseline, 1 node
+    torchrun --nproc_per_node=8 simsiam.py --data /imagenet --fix-pred-lr                  # Table 1(c), official README
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 simsiam.py --data /imagenet
+"""
+import argparse
+import json
+import math
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models as models
+import torchvision.transforms as transforms
+
+import common
+
+PROG = "simsiam.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="SimSiam pre-training")
+    group = parser.add_argument_group("data")  # SCAFFOLD
+    group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
+    group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
+    group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
+    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet")
+    group.add_argument("--dim", type=int, default=2048, help="output size d of projector and predictor (Sec. 3)")
+    group.add_argument("--pred-dim", type=int, default=512, help="hidden size of the predictor bottleneck (Sec. 3)")
+    group = parser.add_argument_group("method")
+    group.add_argument("--fix-pred-lr", action="store_true", help="predictor lr not decayed (Sec. 4.2, Table 1(c))")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=100)
+    group.add_argument("-b", "--batch-size", type=int, default=512, help="global batch over all processes")
+    group.add_argument("--lr", "--learning-rate", type=float, default=0.05, help="base lr, scaled: lr × batch/256")
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
+    group = parser.add_argument_group("run")  # SCAFFOLD
+    group.add_argument("--output-dir", default="./runs/simsiam")
+    group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
+    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
+    group.add_argument("-p", "--print-freq", type=int, default=10)
+    for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
+        group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.data = args.data or args.data_pos
+    if not args.data:
+        parser.error("--data is required")
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    return args
+
+
+class GoneFlag(argparse.Action):  # SCAFFOLD
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+class SimSiam(nn.Module):
+    def __init__(self, base_encoder, dim: int = 2048, pred_dim: int = 512):
+        super().__init__()
+        # zero_init_residual: each residual block starts as the identity (official builder.py)
+        self.encoder = base_encoder(num_classes=dim, zero_init_residual=True)
+        prev_dim = self.encoder.fc.in_features  # 2048 for ResNet-50
+        self.encoder.fc.bias.requires_grad = False  # a bias before BN does nothing (official builder.py)
+        # Sec. 3, projection MLP (the fc of f): 3 layers with BN on every fc, the output fc included
+        self.encoder.fc = nn.Sequential(
+            nn.Linear(prev_dim, prev_dim, bias=False), nn.BatchNorm1d(prev_dim), nn.ReLU(inplace=True),
+            nn.Linear(prev_dim, prev_dim, bias=False), nn.BatchNorm1d(prev_dim), nn.ReLU(inplace=True),
+            self.encoder.fc, nn.BatchNorm1d(dim, affine=False))  # output: BN without affine, no ReLU
+        # Sec. 3, prediction MLP h: a d → pred_dim → d bottleneck, BN on the hidden layer only (Sec. 4.4)
+        self.predictor = nn.Sequential(
+            nn.Linear(dim, pred_dim, bias=False), nn.BatchNorm1d(pred_dim), nn.ReLU(inplace=True),
+            nn.Linear(pred_dim, dim))
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+        """p1, p2 = h(f(x1)), h(f(x2)) and z1, z2 = f(x1), f(x2), all N×dim. Each view is its own BN
+        batch, as in the official code. z keeps its graph: the loss applies the stop-gradient."""
+        z1, z2 = self.encoder(x1), self.encoder(x2)
+        return self.predictor(z1), self.predictor(z2), z1, z2
+
+
+def D(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): D(p, stopgrad(z)), with D of Eq. (1) the negative cosine similarity −p/‖p‖₂·z/‖z‖₂,
+    averaged over the batch, as Algorithm 1. z is a constant: no gradient reaches the branch that made it."""
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+
+
+def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Eq. (4): L = D(p1, stopgrad(z2))/2 + D(p2, stopgrad(z1))/2, the symmetrised loss (Eq. 2); minimum −1."""
+    return D(p1, z2) / 2 + D(p2, z1) / 2
+
+
+@torch.no_grad()
+def collapse_std(z: torch.Tensor) -> torch.Tensor:
+    """Sec. 4.1, Fig. 2 (middle): the std over the batch of z/‖z‖₂, per channel, averaged over the d
+    channels. ≈1/√d for healthy outputs (it is exactly 1/√d for isotropic Gaussian z), 0 when every
+    sample maps to the same direction (collapse). A 0-dim tensor: no host sync."""
+    return F.normalize(z, dim=1).std(dim=0).mean()
+
+
+def build_transform(args) -> common.MultiView:
+    """MoCo v2's augmentation (App. A; arXiv:2003.04297 Sec. 2), as the official main_simsiam.py."""
+    aug = [transforms.RandomResizedCrop(args.image_size, scale=(0.2, 1.0)),
+           transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+           transforms.RandomGrayscale(p=0.2),
+           transforms.RandomApply([common.GaussianBlur((0.1, 2.0))], p=0.5),
+           transforms.RandomHorizontalFlip()]
+    t = transforms.Compose(aug + [transforms.ToTensor(), common.normalize])
+    return common.MultiView([t, t])  # x1 and x2: two independent augmentations
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather without gradient, rank order; the input itself when there is no process group."""
+    if not dist.is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
+
+
+def rank_and_world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ METHOD
+def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+    batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
+    losses, z_stds = common.AverageMeter("Loss", ":.4f"), common.AverageMeter("Std(z)", ":.4f")
+    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, z_stds],
+                                    prefix=f"Epoch: [{epoch}]")
+    model.train()
+    end = time.time()
+    for i, (images, _) in enumerate(loader):
+        data_time.update(time.time() - end)
+        x1, x2 = (x.to(device, non_blocking=True) for x in images)
+        p1, p2, z1, z2 = model(x1, x2)
+        loss = simsiam_loss(p1, p2, z1, z2)
+        losses.update(loss, x1.shape[0]), z_stds.update(collapse_std(z1), x1.shape[0])  # this rank's batch
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if i % args.print_freq == 0 or i == len(loader) - 1:
+            check_finite(losses, epoch, i, args)  # the only host sync, every print-freq steps
+            if is_main:
+                progress.display(i)
+    return {"epoch": epoch, "loss": losses.avg, "z_std": z_stds.avg, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def adjust_learning_rate(optimizer, epoch: int, args):
+    """Per epoch, cosine decay from init_lr to 0 (Sec. 3); a group flagged fix_lr (the predictor with
+    --fix-pred-lr, Sec. 4.2) stays at init_lr."""
+    lr = args.init_lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    for group in optimizer.param_groups:
+        group["lr"] = args.init_lr if group["fix_lr"] else lr
+
+
+# ---------------------------------------------------------------------------------------- SCAFFOLD
+def fail(message: str):
+    raise SystemExit(f"{PROG}: {message}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_finite(meter: common.AverageMeter, epoch: int, step: int, args):
+    if not math.isfinite(meter.avg):
+        fail(f"loss is {meter.avg} at epoch {epoch} step {step}; stopped, the last checkpoint in "
+             f"'{args.output_dir}' is untouched")
+
+
+def seed_everything(seed, offset: int = 0):
+    """With --seed, every epoch's randomness is a function of (seed, epoch, rank): resuming at an
+    epoch boundary then reproduces the uninterrupted run without saving RNG states."""
+    if seed is not None:
+        random.seed(seed + offset)
+        torch.manual_seed(seed + offset)
+
+
+def save_checkpoint(state: dict, output_dir: str):
+    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    path = os.path.join(output_dir, "checkpoint.pth.tar")
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def resume_path(args) -> str:
+    if args.resume == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+        return path if os.path.isfile(path) else ""
+    if args.resume and not os.path.isfile(args.resume):
+        fail(f"--resume: no checkpoint at '{args.resume}'")
+    return args.resume
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
+        found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+    return ckpt["epoch"]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    start_path = resume_path(args)
+
+    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = rank_and_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = args.seed is None
+    is_main = rank == 0
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    try:
+        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root)
+    except common.DataError as err:
+        fail(str(err))
+    if len(dataset) < args.batch_size:
+        fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
+    loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
+                                 world_size, train=True, seed=args.seed or 0)
+
+    if is_main:
+        print(f"=> creating model '{args.arch}'", flush=True)
+    model = SimSiam(models.__dict__[args.arch], args.dim, args.pred_dim)
+    if ddp and device.type == "cuda":  # METHOD: BN synchronised across devices (Sec. 3); torch's SyncBN is GPU-only
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    args.init_lr = args.lr * args.batch_size / 256  # METHOD: Sec. 3, lr × BatchSize/256
+    optimizer = torch.optim.SGD([{"params": model.encoder.parameters(), "fix_lr": False},
+                                 {"params": model.predictor.parameters(), "fix_lr": args.fix_pred_lr}],
+                                args.init_lr, momentum=args.momentum, weight_decay=args.wd)
+    if start_path:
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        args.start_epoch = load_checkpoint(start_path, model, optimizer, "simsiam")
+        if is_main:
+            print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
+    if ddp:  # no buffer broadcast: the method keeps its queue/bank identical, re-sending it every step would be a copy
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+
+    for epoch in range(args.start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+        adjust_learning_rate(optimizer, epoch, args)
+        try:
+            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
+        except common.DataError as err:
+            fail(common.data_error_message(err))
+        if is_main:
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            save_checkpoint({"method": "simsiam", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
+                             "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                             "optimizer": optimizer.state_dict()}, args.output_dir)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""InsDis: NCE and softmax losses, Z, memory bank, positive row, 2-rank consistency, end to end, errors."""
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import insdis
+import linear_eval
+from conftest import run_distributed, run_script
+
+TINY = ["--data", "synthetic:128", "-a", "resnet18", "-b", "32", "--nce-k", "32", "-j", "0",
+        "--seed", "0", "-p", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Two cores shared with other jobs: one intra-op thread per process avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses of run_script
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyNet(nn.Module):
+    """Stands in for a torchvision ResNet: `num_classes` sets the output, `fc` is the head."""
+
+    def __init__(self, num_classes: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def tiny_insdis(n_data=20, K=5, T=0.5, m=0.5, softmax=False, seed=0):
+    torch.manual_seed(seed)
+    return insdis.InsDis(TinyNet, n_data, dim=8, K=K, T=T, m=m, softmax=softmax).eval()
+
+
+def by_hand_scores(model, x, index, seed):
+    """The scores the brief prescribes: torch.randint(N, (B, K+1)) with column 0 the own index."""
+    torch.manual_seed(seed)
+    idx = torch.randint(model.n_data, (x.shape[0], model.K + 1))
+    idx[:, 0] = index
+    f = F.normalize(model.encoder(x), dim=1)
+    return torch.stack([torch.stack([model.memory[j] @ f[b] for j in idx[b]]) for b in range(len(idx))]) / model.T
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_nce_loss_matches_closed_form():
+    P = torch.tensor([[0.30, 0.01, 0.20], [0.05, 0.40, 0.002]])  # B=2, K=2, column 0 the positive
+    n_data = 10
+    Pn, K = 1 / n_data, 2
+    expected = 0.0
+    for row in P.tolist():
+        h = [p / (p + K * Pn) for p in row]  # Eq. (6): posterior that the sample came from the data
+        expected += -(torch.tensor(h[0]).log() + sum(torch.tensor(1 - x).log() for x in h[1:]))
+    torch.testing.assert_close(insdis.nce_loss(P, n_data), expected / 2, atol=1e-5, rtol=1e-5)
+    loss, prob = insdis.insdis_loss(P, torch.zeros(2, 8), torch.zeros(2, 8), n_data, softmax=False)
+    torch.testing.assert_close(loss, expected / 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prob, P[:, 0].mean())
+    swapped = P[:, [1, 0, 2]]  # the positive must be column 0
+    assert not torch.allclose(insdis.nce_loss(swapped, n_data), insdis.nce_loss(P, n_data))
+
+
+def test_softmax_mode_returns_logits_and_the_loss_is_cross_entropy_with_label_0():
+    model = tiny_insdis(softmax=True)
+    x, index = torch.randn(4, 3, 6, 6), torch.tensor([1, 5, 9, 13])
+    torch.manual_seed(7)
+    out, f, v = model(x, index)
+    s = by_hand_scores(model, x, index, seed=7)
+    torch.testing.assert_close(out, s)
+    assert float(model.Z) == -1.0  # the softmax needs no normalisation constant
+    loss, prob = insdis.insdis_loss(out, f, v, model.n_data, softmax=True)
+    log_p = s[:, 0] - s.exp().sum(1).log()  # −log exp(s_0)/Σ_j exp(s_j), by hand
+    torch.testing.assert_close(loss, -log_p.mean())
+    torch.testing.assert_close(prob, log_p.exp().mean())
+
+
+def test_z_is_set_once_from_the_first_batch_then_fixed_and_restored_on_resume():
+    model = tiny_insdis()
+    x1, x2, index = torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6) * 3, torch.tensor([0, 3, 6, 9])
+    torch.manual_seed(1)
+    out1, _, _ = model(x1, index)
+    s1 = by_hand_scores(model, x1, index, seed=1)
+    Z = model.n_data * s1.exp().mean()  # Eq. (8)
+    torch.testing.assert_close(model.Z, Z)
+    torch.testing.assert_close(out1, s1.exp() / Z)
+    torch.manual_seed(2)
+    out2, _, _ = model(x2, index)
+    s2 = by_hand_scores(model, x2, index, seed=2)
+    torch.testing.assert_close(model.Z, Z)  # not re-estimated on the second batch
+    torch.testing.assert_close(out2, s2.exp() / Z)
+    assert not torch.allclose(model.n_data * s2.exp().mean(), Z)  # so this batch would have given another Z
+    resumed = tiny_insdis(seed=5)  # a new process: its flag is fresh, the checkpoint holds Z
+    resumed.load_state_dict(model.state_dict())
+    torch.manual_seed(2)
+    resumed(x2, index)
+    torch.testing.assert_close(resumed.Z, Z)
+
+
+def test_proximal_term_is_eq_10_on_the_positive_bank_row():
+    model = tiny_insdis()
+    x, index = torch.randn(4, 3, 6, 6), torch.tensor([2, 4, 6, 8])
+    out, f, v = model(x, index)
+    assert torch.equal(v, model.memory[index])  # v_i^(t−1): the bank row before this step's update
+    plain, _ = insdis.insdis_loss(out, f, v, model.n_data, softmax=False)
+    prox, _ = insdis.insdis_loss(out, f, v, model.n_data, softmax=False, prox_lambda=3.0)
+    torch.testing.assert_close(prox - plain, 3.0 * ((f - v) ** 2).sum(1).mean())
+    prox.backward()  # the gradient flows into the encoder, not into the bank
+    assert model.encoder.fc.weight.grad is not None and not model.memory.requires_grad
+
+
+# ------------------------------------------------------------------------------------- memory bank
+def test_memory_update_closed_form_on_the_batch_rows_only():
+    model = tiny_insdis(m=0.3)
+    before = model.memory.clone()
+    torch.testing.assert_close(before.norm(dim=1), torch.ones(20))  # random unit vectors (Sec. 3.1)
+    index, f = torch.tensor([3, 7, 11]), F.normalize(torch.randn(3, 8), dim=1)
+    model._update_memory(index, f)
+    expected = 0.3 * before[index] + 0.7 * f
+    torch.testing.assert_close(model.memory[index], expected / expected.norm(dim=1, keepdim=True))
+    others = torch.ones(20, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(model.memory[others], before[others])
+
+
+def test_the_positive_is_the_samples_own_bank_row():
+    model = tiny_insdis(n_data=50, K=10, T=0.1, softmax=True)
+    x, index = torch.randn(6, 3, 6, 6), torch.tensor([4, 9, 17, 23, 31, 48])
+    with torch.no_grad():
+        f = F.normalize(model.encoder(x), dim=1)
+        model.memory[index] = f  # each sample's own row is its feature: score 1/T, above any other row
+    for seed in range(3):
+        torch.manual_seed(seed)
+        out, _, v = model(x, index)
+        torch.testing.assert_close(out[:, 0], torch.full((6,), 10.0))  # column 0 is the own row, every draw
+        assert (out[:, 1:] < 9.9).float().mean() > 0.9  # the noise columns are (mostly) other rows
+        torch.testing.assert_close(out, by_hand_scores(model, x, index, seed))
+        torch.testing.assert_close(v, f)
+
+
+def _two_rank_worker(rank, world_size, out_dir):
+    torch.manual_seed(100 + rank)  # different seeds: the bank must still start identical (fixed generator)
+    model = insdis.InsDis(TinyNet, 16, dim=8, K=5, T=0.5, m=0.5)
+    before = model.memory.clone()
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3, 6, 6) + rank  # each rank has its own images
+    index = torch.tensor([[0, 2, 4, 6], [9, 11, 13, 15]][rank])
+    out, f, v = ddp(x, index)
+    loss, _ = insdis.insdis_loss(out, f, v, 16, softmax=False)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    model._update_memory(index, f.detach())
+    torch.save({"before": before, "memory": model.memory, "Z": model.Z, "out": out.detach(), "f": f.detach(),
+                "index": index}, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(tmp_path):
+    run_distributed(_two_rank_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["before"], r1["before"])
+    assert torch.equal(r0["memory"], r1["memory"]) and torch.equal(r0["Z"], r1["Z"])
+    # Z = N·mean over both ranks of exp(s): the mean of P = exp(s)/Z over the global batch is exactly 1/N
+    mean_P = (r0["out"].mean() + r1["out"].mean()) / 2
+    torch.testing.assert_close(mean_P, torch.tensor(1 / 16))
+    assert abs(float(r0["out"].mean()) - 1 / 16) > 1e-4  # one rank's batch alone would give another Z
+    before, after = r0["before"], r0["memory"]
+    touched = torch.zeros(16, dtype=torch.bool)
+    for r in (r0, r1):  # rank 0's rows and rank 1's rows, on both ranks
+        expected = F.normalize(0.5 * before[r["index"]] + 0.5 * r["f"], dim=1)
+        torch.testing.assert_close(after[r["index"]], expected)
+        touched[r["index"]] = True
+    assert torch.equal(after[~touched], before[~touched])
+
+
+# ------------------------------------------------------------------------------------------- kNN
+def test_knn_accuracy_matches_a_brute_force_weighted_vote():
+    torch.manual_seed(0)
+    bank = F.normalize(torch.randn(30, 4), dim=1)
+    bank_labels = torch.randint(3, (30,))
+    bank_labels[:5] = -1  # unlabelled (STL-10): they do not vote
+    feats = F.normalize(torch.randn(9, 4), dim=1)
+    labels = torch.randint(3, (9,))
+    correct = 0
+    for q, y in zip(feats, labels):
+        labelled = [(float(q @ b), int(c)) for b, c in zip(bank, bank_labels) if c >= 0]
+        votes = [0.0, 0.0, 0.0]
+        for sim, c in sorted(labelled, reverse=True)[:7]:
+            votes[c] += torch.tensor(sim / 0.1).exp().item()
+        correct += int(max(range(3), key=votes.__getitem__) == int(y))
+    acc = insdis.knn_accuracy(feats, labels, bank, bank_labels, k=7, T=0.1, chunk=4)
+    torch.testing.assert_close(acc, torch.tensor(correct * 100 / 9))
+
+
+def test_knn_monitor_pairs_each_val_feature_with_its_label():
+    import common
+    args = insdis.parse_args(["--data", "synthetic:100", "--knn-k", "1"])
+    val_set = common.build_dataset(args.data, "val", insdis.eval_transform(args), return_index=True)
+    loader = common.build_loader(val_set, 8, 0, 0, 1, train=False)  # 20 images, batches of 8
+    model = tiny_insdis(n_data=len(val_set))
+    with torch.no_grad():  # a bank that holds the val images' own features: 1-NN is each image itself
+        images = torch.stack([val_set[i][0] for i in range(len(val_set))])
+        model.memory.copy_(F.normalize(model.encoder(images), dim=1))
+    labels = insdis.dataset_targets(val_set)
+    assert insdis.knn_monitor(model, loader, labels, torch.device("cpu"), args) == 100.0
+    assert insdis.knn_monitor(model, loader, labels.roll(1), torch.device("cpu"), args) < 50.0
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One epoch with the real command line, shared by the tests that read a checkpoint."""
+    out = tmp_path_factory.mktemp("insdis")
+    proc = run_script("insdis.py", *TINY, "--epochs", "1", "--output-dir", out, "--prox-lambda", "1")
+    return out, proc
+
+
+def test_one_process_run_checkpoint_and_resume(pretrained, tmp_path, capsys):
+    out, proc = pretrained
+    assert proc.returncode == 0, proc.stderr
+    assert "=> creating model 'resnet18'" in proc.stdout and "Prob" in proc.stdout
+    assert " * kNN Acc@1" in proc.stdout  # synthetic has a labelled val split
+    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "insdis" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
+    state = ckpt["state_dict"]
+    assert all(k.startswith("module.encoder.") or k in ("module.memory", "module.Z") for k in state)
+    assert state["module.encoder.fc.weight"].shape == (128, 512) and state["module.memory"].shape == (128, 128)
+    assert float(state["module.Z"]) > 0
+    torch.testing.assert_close(state["module.memory"].norm(dim=1), torch.ones(128))
+    assert "knn_acc1" in (out / "log.txt").read_text()
+    shutil.copytree(out, tmp_path / "run")
+    insdis.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
+    stdout = capsys.readouterr().out
+    assert "(epoch 1)" in stdout and "Epoch: [1]" in stdout and "Epoch: [0]" not in stdout
+    resumed = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
+    assert resumed["epoch"] == 2 and torch.equal(resumed["state_dict"]["module.Z"], state["module.Z"])
+
+
+def test_two_process_run_with_torchrun(tmp_path):
+    proc = run_script("insdis.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 1 and float(ckpt["state_dict"]["module.Z"]) > 0
+    # 128 images, global batch 32: 4 steps of 16 images per rank; only rank 0 prints
+    assert proc.stdout.count("Epoch: [0][0/4]") == 1 and proc.stdout.count(" * kNN Acc@1") == 1
+
+
+def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    insdis.main(TINY + ["--epochs", "2", "--output-dir", str(straight)])
+    insdis.main(TINY + ["--epochs", "1", "--output-dir", str(split)])
+    insdis.main(TINY + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:  # weights, BN statistics, the bank and Z
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+
+
+def test_softmax_run_leaves_z_unset(tmp_path):
+    insdis.main(TINY + ["--epochs", "1", "--softmax", "--knn-k", "0", "--output-dir", str(tmp_path)])
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert float(ckpt["state_dict"]["module.Z"]) == -1.0 and ckpt["args"]["softmax"]
+    assert "knn_acc1" not in (tmp_path / "log.txt").read_text()  # --knn-k 0: no monitor
+
+
+def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
+    data = ["--data", "synthetic:128", "-j", "0", "-b", "32", "--seed", "0", "--output-dir", str(tmp_path),
+            "--pretrained", str(pretrained[0] / "checkpoint.pth.tar")]
+    metrics = linear_eval.main(data + ["--knn"])
+    stdout = capsys.readouterr().out
+    assert "used 120 keys (module.encoder.)" in stdout and "module.memory" in stdout
+    assert "=> kNN (k=200, T=0.07): Acc@1" in stdout and 0.0 <= metrics["knn_acc1"] <= 100.0
+    linear_eval.main(data + ["--epochs", "1"])
+    stdout = capsys.readouterr().out
+    assert "sanity check passed" in stdout and " * Acc@1" in stdout
+
+
+# -------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
+    (["--data", "synthetic:64", "--nce-k", "64"],
+     "--nce-k 64 must be smaller than the memory bank (64 images in 'synthetic:64')"),
+    (["--data", "synthetic:128", "--resume", "/no/such.pth.tar"], "--resume: no checkpoint at '/no/such.pth.tar'"),
+    (["--data", "synthetic:16"], "'synthetic:16' has 16 images, fewer than the global batch 32"),
+])
+def test_start_up_errors(argv, message, tmp_path):
+    defaults = ["-a", "resnet18", "-b", "32", "-j", "0", "--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as err:
+        insdis.main(argv + defaults + ([] if "--nce-k" in argv else ["--nce-k", "8"]))
+    assert str(err.value) == f"insdis.py: {message}"
+
+
+def test_batch_not_divisible_by_world_size(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as err:
+        insdis.main(["--data", "synthetic:128", "-b", "32", "--output-dir", str(tmp_path)])
+    assert str(err.value) == "insdis.py: global batch 32 does not divide by the world size 3"
+
+
+def test_empty_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as err:
+        insdis.main(["--data", str(tmp_path / "empty"), "-b", "4", "--nce-k", "2", "--output-dir", str(tmp_path)])
+    assert str(err.value).startswith(f"insdis.py: data folder '{tmp_path / 'empty'}' holds no images")
+    assert "\n" not in str(err.value)
+
+
+def test_an_image_folder_without_val_trains_without_the_knn_monitor(tmp_path, capsys):
+    from PIL import Image
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / "imgs" / c)
+        for i in range(4):
+            Image.new("RGB", (40, 40), (i * 40, 100, 200)).save(tmp_path / "imgs" / c / f"{i}.jpg")
+    insdis.main(["--data", str(tmp_path / "imgs"), "-a", "resnet18", "-b", "4", "--nce-k", "4", "-j", "0",
+                 "--image-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")])
+    assert "=> no kNN monitor: data folder" in capsys.readouterr().out
+    assert torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    torch.save({"method": "cmc", "state_dict": {}, "epoch": 3}, tmp_path / "other.pth.tar")
+    with pytest.raises(SystemExit) as err:
+        insdis.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--resume",
+                            str(tmp_path / "other.pth.tar")])
+    assert str(err.value) == f"insdis.py: '{tmp_path / 'other.pth.tar'}' is not a insdis checkpoint (found: cmc)"
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(pretrained, tmp_path, monkeypatch):
+    shutil.copytree(pretrained[0], tmp_path / "run")
+    before = (tmp_path / "run" / "checkpoint.pth.tar").read_bytes()
+    monkeypatch.setattr(insdis, "nce_loss", lambda P, n_data: P.sum() * float("nan"))
+    with pytest.raises(SystemExit) as err:
+        insdis.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
+    assert str(err.value).startswith("insdis.py: loss is nan at epoch 1 step 0; stopped")
+    assert (tmp_path / "run" / "checkpoint.pth.tar").read_bytes() == before
+
+
+def test_underscore_aliases_and_removed_official_flags(capsys):
+    args = insdis.parse_args(["--data", "synthetic", "--nce_k", "16384", "--nce_t", "0.1", "--nce_m", "0.9",
+                              "--feat_dim", "64", "--softmax"])
+    assert (args.nce_k, args.nce_t, args.nce_m, args.feat_dim, args.softmax) == (16384, 0.1, 0.9, 64, True)
+    args = insdis.parse_args(["/imagenet"])  # paper defaults, official positional data
+    assert (args.data, args.nce_k, args.nce_t, args.nce_m, args.lr, args.batch_size, args.epochs, args.schedule) == \
+        ("/imagenet", 4096, 0.07, 0.5, 0.03, 256, 200, [120, 160])
+    with pytest.raises(SystemExit):
+        insdis.parse_args(["--data", "synthetic", "--dist-url", "tcp://x"])
+    assert "is gone: launch with torchrun" in capsys.readouterr().err

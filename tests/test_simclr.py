@@ -1,0 +1,311 @@
+"""SimCLR: NT-Xent against a brute-force loop, the gradient-carrying gather under DDP, LARS, the
+per-step schedule, the augmentation recipe, end to end (1 and 2 processes, resume, evaluation), errors."""
+import argparse
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.transforms as transforms
+
+import linear_eval
+import simclr
+from conftest import last_line, run_distributed, run_script
+
+TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "16", "-j", "0", "--seed", "0", "-p", "2",
+        "--warmup-epochs", "1", "--temperature", "0.5"]
+
+
+def brute_force_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float):
+    """Eq. (1) and Alg. 1 written out: views [z1; z2], anchor i's positive is the other view of its
+    image, the denominator sums over every k ≠ i. Returns the mean loss over all 2N anchors and,
+    per anchor, whether the positive is the most similar candidate (acc@1 of the pretext task)."""
+    views = torch.cat([z1, z2])
+    two_n = views.shape[0]
+    losses, hits = [], []
+    for i in range(two_n):
+        j = (i + two_n // 2) % two_n
+        sim = [views[i] @ views[k] / (views[i].norm() * views[k].norm()) for k in range(two_n)]
+        denominator = sum(torch.exp(sim[k] / tau) for k in range(two_n) if k != i)
+        losses.append(-torch.log(torch.exp(sim[j] / tau) / denominator))
+        hits.append(all(sim[j] > sim[k] for k in range(two_n) if k not in (i, j)))
+    return torch.stack(losses).mean(), torch.tensor(hits, dtype=torch.float32).mean() * 100
+
+
+# -------------------------------------------------------------------------------------- NT-Xent
+def test_nt_xent_equals_a_brute_force_loop_over_anchors():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(5, 7) * 3, torch.randn(5, 7)  # not normalised: the loss must normalise
+    z2[0] = z1[0] * 2 + 0.1  # a near-positive, so acc@1 is neither 0 nor 100 %
+    loss, logits, labels = simclr.nt_xent_loss(z1, z2, 0.3)
+    ref, ref_acc1 = brute_force_nt_xent(z1, z2, 0.3)
+    torch.testing.assert_close(loss, ref)
+    assert logits.shape == (10, 10)  # 2n anchors × 2N candidates
+    acc1, acc5 = simclr.common.accuracy(logits, labels, topk=(1, 5))
+    torch.testing.assert_close(acc1, ref_acc1)
+    assert 0 < float(acc1) < 100 and float(acc5) >= float(acc1)
+    assert torch.isinf(logits.diagonal()).all()  # an anchor is never its own candidate
+    # τ matters and is not applied twice: τ → the brute force at another τ
+    torch.testing.assert_close(simclr.nt_xent_loss(z1, z2, 0.7)[0], brute_force_nt_xent(z1, z2, 0.7)[0])
+
+
+def test_gather_with_grad_is_the_identity_without_a_process_group():
+    x = torch.randn(4, 3, requires_grad=True)
+    assert simclr.gather_with_grad(x) is x
+
+
+# --------------------------------------------------------------------------- DDP gather with grad
+class TinyNet(nn.Module):
+    """Stands in for a torchvision ResNet (num_classes sets the output, `fc` is the head). No BN:
+    every sample's embedding depends on that sample only, so the global-batch reference is exact."""
+
+    def __init__(self, num_classes: int = 6):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def global_batch(N=8):
+    torch.manual_seed(1)
+    return torch.randn(N, 6), torch.randn(N, 6), torch.randn(N, 5), torch.randn(N, 5)
+
+
+def _gather_worker(rank, world_size, out_dir):
+    Z1, Z2, X1, X2 = global_batch()
+    n = Z1.shape[0] // world_size
+    mine = slice(rank * n, (rank + 1) * n)
+    z1, z2 = Z1[mine].clone().requires_grad_(), Z2[mine].clone().requires_grad_()
+    loss, _, _ = simclr.nt_xent_loss(z1, z2, 0.5)
+    loss.backward()
+    torch.manual_seed(2)  # same initial model on both ranks
+    model = nn.parallel.DistributedDataParallel(simclr.SimCLR(TinyNet, dim=6))
+    z1_model, z2_model = model(X1[mine], X2[mine])
+    model_loss = simclr.nt_xent_loss(z1_model, z2_model, 0.5)[0]
+    model_loss.backward()
+    torch.save({"loss": loss.detach(), "g1": z1.grad, "g2": z2.grad, "model_loss": model_loss.detach(),
+                "param_grads": [p.grad for p in model.parameters()]}, os.path.join(out_dir, f"{rank}.pt"))
+
+
+def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_path):
+    """Two gloo ranks each hold half of the global batch; the reference is the brute-force loss on
+    the whole batch in this process.
+
+    Each rank's loss is the mean over its own anchors against all 2N candidates, so the global
+    loss L (mean over all 2N anchors) is the mean of the ranks' losses. DDP averages parameter
+    gradients over the W ranks (a factor 1/W), so to give ∂L/∂θ each rank's gradient w.r.t. its
+    own embeddings must be W·∂L/∂z_rank: the sum over ranks of ∂loss_r/∂z_rank, which is what the
+    backward all-reduce of the gather produces. A gather without gradient leaves only the rank's
+    own term ∂loss_rank/∂z_rank and fails both checks below."""
+    W = 2
+    run_distributed(_gather_worker, str(tmp_path), world_size=W)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    Z1, Z2, X1, X2 = (t.clone().requires_grad_() for t in global_batch())
+    ref = brute_force_nt_xent(Z1, Z2, 0.5)[0]
+    ref.backward()
+    torch.testing.assert_close((r0["loss"] + r1["loss"]) / W, ref.detach())
+    torch.testing.assert_close(torch.cat([r0["g1"], r1["g1"]]) / W, Z1.grad)  # undo DDP's 1/W to come
+    torch.testing.assert_close(torch.cat([r0["g2"], r1["g2"]]) / W, Z2.grad)
+    # the real chain: SimCLR model under DDP; its averaged gradients are the global-batch gradients
+    torch.manual_seed(2)
+    model = simclr.SimCLR(TinyNet, dim=6)
+    z1, z2 = model(X1.detach(), X2.detach())
+    ref_model = brute_force_nt_xent(z1, z2, 0.5)[0]
+    ref_model.backward()
+    torch.testing.assert_close((r0["model_loss"] + r1["model_loss"]) / W, ref_model.detach())
+    for p, g0, g1 in zip(model.parameters(), r0["param_grads"], r1["param_grads"]):
+        torch.testing.assert_close(g0, p.grad)
+        torch.testing.assert_close(g1, p.grad)
+
+
+# ----------------------------------------------------------------------------------------- LARS
+def test_lars_step_is_the_trust_ratio_formula_and_excluded_params_get_sgd():
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4))
+    lr, wd, eta, m = 0.5, 0.1, 0.01, 0.9
+    optimizer = simclr.LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+                            lr, momentum=m, weight_decay=wd, trust_coefficient=eta)
+    w_ref, b_ref = w.detach().clone(), b.detach().clone()
+    v_w, v_b = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
+    for _ in range(2):  # the second step checks the momentum buffers
+        gw, gb = torch.randn(3, 4), torch.randn(4)
+        w.grad, b.grad = gw.clone(), gb.clone()
+        optimizer.step()
+        g = gw + wd * w_ref  # You et al. Alg. 1: local lr η‖w‖/‖g + λw‖
+        v_w = m * v_w + eta * w_ref.norm() / g.norm() * g
+        w_ref = w_ref - lr * v_w
+        v_b = m * v_b + gb  # excluded: no weight decay, no trust ratio
+        b_ref = b_ref - lr * v_b
+        torch.testing.assert_close(w.detach(), w_ref)
+        torch.testing.assert_close(b.detach(), b_ref)
+
+
+def test_lars_groups_exclude_every_bias_and_bn_parameter():
+    model = simclr.SimCLR(simclr.models.resnet18, 16)
+    groups = simclr.lars_param_groups(model)
+    normal, excluded = groups[0]["params"], groups[1]["params"]
+    assert groups[1]["lars_exclude"] and groups[1]["weight_decay"] == 0.0 and "lars_exclude" not in groups[0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(map(id, normal + excluded)) == sorted(map(id, model.parameters()))  # each exactly once
+    assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in normal)
+    assert {names[id(p)] for p in excluded} == {n for n, p in model.named_parameters()
+                                                if n.endswith("bias") or ".bn" in n or "downsample.1" in n}
+    assert "encoder.fc.0.bias" in {names[id(p)] for p in excluded}
+
+
+# ------------------------------------------------------------------------------------ schedule
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    args = argparse.Namespace(init_lr=2.0, warmup_epochs=4, epochs=10)
+    optimizer = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]},
+                                 {"params": [nn.Parameter(torch.zeros(1))]}], lr=123.0)
+
+    def lr_at(epoch):
+        simclr.adjust_learning_rate(optimizer, epoch, args)
+        assert optimizer.param_groups[0]["lr"] == optimizer.param_groups[1]["lr"]
+        return optimizer.param_groups[0]["lr"]
+
+    assert lr_at(0) == 0.0
+    assert lr_at(1.5) == pytest.approx(2.0 * 1.5 / 4)  # fractional epochs: per step
+    assert lr_at(4 - 1e-9) == pytest.approx(2.0)
+    assert lr_at(4) == pytest.approx(2.0)  # the end of warm-up reaches init_lr
+    assert lr_at(7) == pytest.approx(1.0)  # half-way through the cosine
+    assert lr_at(5.5) == pytest.approx(1.0 * (1 + math.cos(math.pi * 1.5 / 6)))
+    assert lr_at(10) == pytest.approx(0.0, abs=1e-12)
+    after = [lr_at(4 + k * 0.25) for k in range(25)]
+    assert all(a > b for a, b in zip(after, after[1:]))
+
+
+# -------------------------------------------------------------------------------- augmentation
+def test_augmentation_is_the_app_a_recipe():
+    args = simclr.parse_args(["--data", "synthetic", "--image-size", "224", "--color-jitter-strength", "0.5"])
+    views = simclr.build_transform(args).views
+    assert len(views) == 2 and views[0] is views[1]
+    ops = views[0].transforms
+    crop, jitter, gray, blur = ops[0], ops[2], ops[3], ops[4]
+    assert isinstance(crop, transforms.RandomResizedCrop) and crop.scale == (0.08, 1.0) and crop.size == (224, 224)
+    assert isinstance(ops[1], transforms.RandomHorizontalFlip)
+    assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4)  # 0.8·s with s = 0.5
+    assert jitter.transforms[0].hue == (-0.1, 0.1)  # 0.2·s
+    assert isinstance(gray, transforms.RandomGrayscale) and gray.p == 0.2
+    assert blur.p == 0.5 and blur.transforms[0].kernel_size == (23, 23) and blur.transforms[0].sigma == (0.1, 2.0)
+    small = simclr.build_transform(simclr.parse_args(["--data", "synthetic"])).views[0].transforms
+    assert small[4].transforms[0].kernel_size == (3, 3)  # 10 % of 32 px, odd
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """1 epoch, then --resume auto to epoch 2, through the real command line."""
+    out = tmp_path_factory.mktemp("simclr")
+    first = run_script("simclr.py", *TINY, "--epochs", "1", "--output-dir", out)
+    second = run_script("simclr.py", *TINY, "--epochs", "2", "--output-dir", out, "--resume", "auto")
+    return out, first, second
+
+
+def test_one_process_run_checkpoint_and_resume(pretrained):
+    out, first, second = pretrained
+    assert first.returncode == 0, first.stderr
+    assert "=> creating model 'resnet18'" in first.stdout and "Acc@1" in first.stdout and "Acc@5" in first.stdout
+    assert second.returncode == 0, second.stderr
+    assert "(epoch 1)" in second.stdout and "Epoch: [1]" in second.stdout and "Epoch: [0]" not in second.stdout
+    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "simclr" and ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18"
+    assert all(k.startswith("module.encoder.") for k in ckpt["state_dict"])
+    assert ckpt["state_dict"]["module.encoder.fc.2.weight"].shape == (128, 512)  # g: 512-512-128
+    # the lr is set per step: the last of 4 steps of epoch 0 is 3/4 into the 1-epoch warm-up
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    init_lr = 0.3 * 16 / 256
+    assert log[0]["lr"] == pytest.approx(init_lr * 0.75)
+    assert log[1]["lr"] == pytest.approx(init_lr * 0.5 * (1 + math.cos(math.pi * 0.75)))
+
+
+def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(pretrained, tmp_path):
+    simclr.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path)])
+    a = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    b = torch.load(pretrained[0] / "checkpoint.pth.tar", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:  # weights and BN statistics
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+
+
+def test_two_process_run_with_torchrun(tmp_path):
+    proc = run_script("simclr.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 16
+    assert all(k.startswith("module.encoder.") for k in ckpt["state_dict"])
+    # 64 images, global batch 16: 4 steps of 8 images per rank; only rank 0 prints
+    assert proc.stdout.count("Epoch: [0][0/4]") == 1
+
+
+def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
+    path = str(pretrained[0] / "checkpoint.pth.tar")
+    common_args = ["--data", "synthetic:64", "--pretrained", path, "-b", "16", "-j", "0", "--seed", "0",
+                   "--output-dir", str(tmp_path)]
+    knn = linear_eval.main(common_args + ["--knn"])
+    assert 0.0 <= knn["knn_acc1"] <= 100.0
+    out = capsys.readouterr().out
+    assert "SimCLR" in out and "arch resnet18" in out and "ignored 4" in out  # the head g (fc.0, fc.2) is dropped
+    probe = linear_eval.main(common_args + ["--epochs", "1", "--lr", "1.0"])
+    assert 0.0 <= probe["acc1"] <= 100.0 and "sanity check passed" in capsys.readouterr().out
+    backbone, _ = linear_eval.load_backbone(path, None, False)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert torch.equal(backbone.encoder.conv1.weight, state["module.encoder.conv1.weight"])
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(pretrained, tmp_path, monkeypatch):
+    shutil.copy(pretrained[0] / "checkpoint.pth.tar", tmp_path / "checkpoint.pth.tar")
+    before = (tmp_path / "checkpoint.pth.tar").read_bytes()
+    real = simclr.nt_xent_loss
+
+    def nan_loss(z1, z2, tau):
+        loss, logits, labels = real(z1, z2, tau)
+        return loss * float("nan"), logits, labels
+
+    monkeypatch.setattr(simclr, "nt_xent_loss", nan_loss)
+    with pytest.raises(SystemExit) as err:
+        simclr.main(TINY + ["--epochs", "3", "--output-dir", str(tmp_path), "--resume", "auto"])
+    assert str(err.value).startswith("simclr.py: loss is nan at epoch 2 step 0; stopped")
+    assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
+
+
+# -------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
+    (["--data", "synthetic:256", "--resume", "/no/such.pth.tar"], "--resume: no checkpoint at '/no/such.pth.tar'"),
+    (["--data", "synthetic:16"], "'synthetic:16' has 16 images, fewer than the global batch 32"),
+])
+def test_start_up_errors(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        simclr.main(argv + ["-a", "resnet18", "-b", "32", "-j", "0", "--output-dir", str(tmp_path)])
+    assert str(err.value) == f"simclr.py: {message}"
+
+
+def test_batch_not_divisible_by_world_size(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as err:
+        simclr.main(["--data", "synthetic:256", "-b", "32", "--output-dir", str(tmp_path)])
+    assert str(err.value) == "simclr.py: global batch 32 does not divide by the world size 3"
+
+
+def test_foreign_checkpoint_is_refused(tmp_path):
+    torch.save({"method": "moco", "state_dict": {}, "epoch": 3}, tmp_path / "other.pth.tar")
+    with pytest.raises(SystemExit) as err:
+        simclr.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path),
+                    "--resume", str(tmp_path / "other.pth.tar")])
+    assert str(err.value) == f"simclr.py: '{tmp_path / 'other.pth.tar'}' is not a simclr checkpoint (found: moco)"
+
+
+def test_errors_on_the_command_line_are_one_line(tmp_path):
+    proc = run_script("simclr.py", "--data", tmp_path / "missing", "-a", "resnet18", "-b", "4")
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert last_line(proc.stderr) == f"simclr.py: data folder '{tmp_path / 'missing'}' does not exist"
+    with pytest.raises(SystemExit):
+        simclr.parse_args(["--data", "synthetic", "--dist-url", "tcp://x"])
