@@ -351,7 +351,7 @@ def main(argv=None):
         args.start_epoch = load_checkpoint(start_path, model, optimizer, "moco")
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
-    if ddp:  # no buffer broadcast: the method keeps its queue/bank identical, re-sending it every step would be a copy
+    if ddp:  # no per-step buffer broadcast: a queue/bank stays identical by construction; BN statistics stay per rank
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
 

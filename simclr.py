@@ -150,8 +150,8 @@ def build_transform(args) -> common.MultiView:
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with momentum. Parameters in a group with
-    `lars_exclude=True` (biases and BN, SimCLR App. B.1) get plain SGD with momentum and no weight
-    decay. Fused over the parameters: no per-parameter Python loop on the device."""
+    `lars_exclude=True` (biases and BN, as in the official SimCLR and BYOL code) get plain SGD with
+    momentum and no weight decay. Fused over the parameters: no per-parameter Python loop."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001):
@@ -345,7 +345,7 @@ def main(argv=None):
         args.start_epoch = load_checkpoint(start_path, model, optimizer, "simclr")
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
-    if ddp:  # no buffer broadcast: the method keeps its queue/bank identical, re-sending it every step would be a copy
+    if ddp:  # no per-step buffer broadcast: a queue/bank stays identical by construction; BN statistics stay per rank
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
 

@@ -21,14 +21,13 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH = 128
 METHODS = {  # short-run adaptations, all at global batch 128
     "moco": ["--moco-k", "512", "--moco-m", "0.99", "--mlp", "--moco-t", "0.2", "--aug-plus", "--cos",
              "--bn-splits", "8", "--lr", "0.06"],
     "simclr": ["--temperature", "0.5", "--warmup-epochs", "1"],
-    "byol": ["--warmup-epochs", "1", "--lr", "1.0"],
+    "byol": ["--warmup-epochs", "1", "--tau-base", "0.99"],
     "simsiam": ["--fix-pred-lr"],
-    "insdis": ["--nce-k", "512", "--cos"],
+    "insdis": ["--nce-k", "512", "--softmax"],
     "cmc": ["--nce-k", "512", "--softmax"],
 }
 
@@ -36,6 +35,7 @@ METHODS = {  # short-run adaptations, all at global batch 128
 def run(cmd, log):
     start = time.time()
     proc = subprocess.run([sys.executable] + cmd, cwd=ROOT, capture_output=True, text=True)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
         f.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -44,6 +44,7 @@ def run(cmd, log):
 
 
 def evaluate(pretrained, args, out_dir):
+    out_dir = os.path.abspath(out_dir)
     common = ["linear_eval.py", "--data", args.data, "-a", args.arch, "-j", str(args.workers), "--seed", "0"]
     if pretrained:
         common += ["--pretrained", pretrained]
@@ -62,24 +63,26 @@ def main(argv=None):
     parser.add_argument("-a", "--arch", default="resnet18")
     parser.add_argument("--epochs", type=int, default=8, help="pre-training epochs, the same for every method")
     parser.add_argument("--probe-epochs", type=int, default=10)
-    parser.add_argument("--probe-lr", type=float, default=1.0, help="same probe for all (MoCo's lr 30 diverges on untrained features)")
+    parser.add_argument("--probe-lr", type=float, default=0.1, help="the same probe for all (MoCo's lr 30 diverges on a random encoder)")
+    parser.add_argument("-b", "--batch-size", type=int, default=128, help="global pre-training batch, every method")
     parser.add_argument("-j", "--workers", type=int, default=2)
     parser.add_argument("--output-dir", default="./runs/quality")
     parser.add_argument("--smoke", action="store_true", help="tiny data and one epoch: checks the pipeline only")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.data, args.epochs, args.probe_epochs, args.workers = "synthetic:256", 1, 1, 0
+        args.data, args.epochs, args.probe_epochs, args.workers, args.batch_size = "synthetic:256", 1, 1, 0, 32
+    args.output_dir = os.path.abspath(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
 
     rows = []
     knn, linear = evaluate("", args, os.path.join(args.output_dir, "random"))
     rows.append(("random init", "–", "–", knn, linear))
     for method in args.methods:
-        out_dir = os.path.join(args.output_dir, method)
+        out_dir = os.path.abspath(os.path.join(args.output_dir, method))
         flags = METHODS[method]
         if args.smoke:  # K must stay below the 256-image bank and divide by the batch
             flags = [("64" if prev in ("--moco-k", "--nce-k") else f) for prev, f in zip([""] + flags, flags)]
-        _, seconds = run([f"{method}.py", "--data", args.data, "-a", args.arch, "-b", str(BATCH), "--epochs",
+        _, seconds = run([f"{method}.py", "--data", args.data, "-a", args.arch, "-b", str(args.batch_size), "--epochs",
                           str(args.epochs), "-j", str(args.workers), "--seed", "0", "-p", "1000",
                           "--output-dir", out_dir, *flags], os.path.join(args.output_dir, f"{method}.log"))
         knn, linear = evaluate(os.path.join(out_dir, "checkpoint.pth.tar"), args, out_dir)
@@ -87,7 +90,7 @@ def main(argv=None):
         print(f"{method}: {seconds:.0f} s, kNN {knn:.1f}, linear {linear:.1f}", file=sys.stderr, flush=True)
 
     print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"--data {args.data}, -a {args.arch}, batch {BATCH}, {args.epochs} epochs each; "
+          f"--data {args.data}, -a {args.arch}, batch {args.batch_size}, {args.epochs} epochs each; "
           f"kNN k=200 T=0.07; linear probe {args.probe_epochs} epochs, lr {args.probe_lr}, cosine\n")
     print("| method | pre-train s | flags | kNN top-1 | linear top-1 |\n| --- | ---: | --- | ---: | ---: |")
     for method, seconds, flags, knn, linear in rows:
