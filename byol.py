@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -215,7 +217,9 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
         step = epoch * len(loader) + i
         adjust_learning_rate(optimizer, step, len(loader), args)
         x1, x2 = (x.to(device, non_blocking=True) for x in images)
-        loss = byol_loss(*model(x1, x2))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            outputs = model(x1, x2)
+        loss = byol_loss(*(t.float() for t in outputs))
         losses.update(loss, x1.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -335,6 +339,8 @@ def main(argv=None):
     if ddp and device.type == "cuda":  # METHOD: global BN over the whole batch (Sec. 3.3); torch's SyncBN is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
+    if args.channels_last:  # SCAFFOLD
+        model = model.to(memory_format=torch.channels_last)
     args.init_lr = args.lr * args.batch_size / 256  # METHOD: Sec. 3.3, lr = 0.2 × batch/256
     optimizer = LARS(lars_param_groups(model), args.init_lr, momentum=args.momentum, weight_decay=args.wd)
     if start_path:

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -129,17 +131,18 @@ class CMC(nn.Module):
         """x: B×3×H×W, channels [L|ab] (or [Y|CbCr]); index: B dataset indices. Returns out_l, out_ab
         (B×(K+1), column 0 the positive: NCE P = exp(s)/Z, or with --softmax the logits s) and the
         detached features B×d. The caller updates the banks after the step (scores used the old rows)."""
-        f_l = F.normalize(self.encoder_l(x[:, :1]), dim=1)  # B×d
-        f_ab = F.normalize(self.encoder_ab(x[:, 1:]), dim=1)  # B×d
+        f_l, f_ab = self.encoder_l(x[:, :1]), self.encoder_ab(x[:, 1:])  # B×d each
         idx = torch.randint(self.n_data, (x.shape[0], self.K + 1), device=x.device)  # uniform noise, per rank
         idx[:, 0] = index  # the positive: the image's own row in the other view's bank
-        # Eq. (4), cross-view: view l is scored against bank ab, view ab against bank l
-        s_l = torch.bmm(self.memory_ab[idx], f_l.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
-        s_ab = torch.bmm(self.memory_l[idx], f_ab.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
-        if self.softmax:
-            return s_l, s_ab, f_l.detach(), f_ab.detach()
-        self._estimate_Z(s_l, s_ab)
-        return s_l.exp() / self.Z_l, s_ab.exp() / self.Z_ab, f_l.detach(), f_ab.detach()
+        with torch.autocast(x.device.type, enabled=False):  # --amp: similarities and softmax in float32
+            f_l, f_ab = F.normalize(f_l.float(), dim=1), F.normalize(f_ab.float(), dim=1)  # float32 like the banks
+            # Eq. (4), cross-view: view l is scored against bank ab, view ab against bank l
+            s_l = torch.bmm(self.memory_ab[idx], f_l.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
+            s_ab = torch.bmm(self.memory_l[idx], f_ab.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
+            if self.softmax:
+                return s_l, s_ab, f_l.detach(), f_ab.detach()
+            self._estimate_Z(s_l, s_ab)
+            return s_l.exp() / self.Z_l, s_ab.exp() / self.Z_ab, f_l.detach(), f_ab.detach()
 
 
 def nce_loss(P: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
@@ -197,8 +200,9 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     for i, (images, _, index) in enumerate(loader):
         data_time.update(time.time() - end)
         images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
-        out_l, out_ab, f_l, f_ab = model(images, index)
-        loss, l_p, ab_p = cmc_loss(out_l, out_ab, n_data, args.softmax)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            out_l, out_ab, f_l, f_ab = model(images, index)
+        loss, l_p, ab_p = cmc_loss(out_l.float(), out_ab.float(), n_data, args.softmax)
         losses.update(loss, images.shape[0]), l_prob.update(l_p, images.shape[0]), ab_prob.update(ab_p, images.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -313,6 +317,8 @@ def main(argv=None):
         print(f"=> creating model '{args.arch}'", flush=True)
     model = CMC(models.__dict__[args.arch], len(dataset), args.feat_dim, args.nce_k, args.nce_t,
                 args.nce_m, args.softmax).to(device)
+    if args.channels_last:  # SCAFFOLD
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
     if start_path:
         if is_main:

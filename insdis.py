@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -121,15 +123,17 @@ class InsDis(nn.Module):
         """x: B×3×H×W; index: B dataset indices. Returns out (B×(K+1), column 0 the positive: NCE
         P = exp(s)/Z, or with --softmax the logits s), the features f (B×d, with gradient) and the
         positives' bank rows v_i^(t−1) (B×d). The caller updates the bank after the step."""
-        f = F.normalize(self.encoder(x), dim=1)  # B×d
+        f = self.encoder(x)  # B×d
         idx = torch.randint(self.n_data, (x.shape[0], self.K + 1), device=x.device)  # uniform noise, per rank
         idx[:, 0] = index  # the positive: the image's own bank row
         weight = self.memory[idx]  # B×(K+1)×d, gathered rows (the bank itself is never copied)
-        s = torch.bmm(weight, f.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1), v_j·f/τ (Eq. 2)
-        if self.softmax:
-            return s, f, weight[:, 0]
-        self._estimate_Z(s)
-        return s.exp() / self.Z, f, weight[:, 0]  # Eq. (4) with Z_i ≈ Z
+        with torch.autocast(x.device.type, enabled=False):  # --amp: similarities and softmax in float32
+            f = F.normalize(f.float(), dim=1)  # float32 like the bank it is written into
+            s = torch.bmm(weight, f.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1), v_j·f/τ (Eq. 2)
+            if self.softmax:
+                return s, f, weight[:, 0]
+            self._estimate_Z(s)
+            return s.exp() / self.Z, f, weight[:, 0]  # Eq. (4) with Z_i ≈ Z
 
 
 def nce_loss(P: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
@@ -238,8 +242,9 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     for i, (images, _, index) in enumerate(loader):
         data_time.update(time.time() - end)
         images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
-        out, f, v = model(images, index)
-        loss, prob = insdis_loss(out, f, v, n_data, args.softmax, args.prox_lambda)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            out, f, v = model(images, index)
+        loss, prob = insdis_loss(out.float(), f.float(), v, n_data, args.softmax, args.prox_lambda)
         losses.update(loss, images.shape[0]), probs.update(prob, images.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -363,6 +368,8 @@ def main(argv=None):
         print(f"=> creating model '{args.arch}'", flush=True)
     model = InsDis(models.__dict__[args.arch], len(dataset), args.feat_dim, args.nce_k, args.nce_t,
                    args.nce_m, args.softmax).to(device)
+    if args.channels_last:  # SCAFFOLD
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
     if start_path:
         if is_main:

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -140,15 +142,16 @@ class MoCo(nn.Module):
         """Returns logits N×(1+K), labels (all 0: the positive is column 0) and the keys N×dim.
         The caller enqueues the keys after backward: l_neg's graph holds the queue, so enqueueing
         in place here would need a copy of the whole queue every step."""
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # N×dim
+        q = self.encoder_q(im_q)  # N×dim
         with torch.no_grad():
             self._momentum_update_key_encoder()
             im_k, idx_unshuffle = batch_shuffle(im_k)  # Sec. 3.3, shuffling BN
-            k = F.normalize(self.encoder_k(im_k), dim=1)
-            k = batch_unshuffle(k, idx_unshuffle)  # N×dim
-        l_pos = (q * k).sum(1, keepdim=True)  # N×1
-        l_neg = q @ self.queue  # N×K
-        logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # Eq. (1)
+            k = batch_unshuffle(self.encoder_k(im_k), idx_unshuffle)  # N×dim
+        with torch.autocast(q.device.type, enabled=False):  # --amp: similarities and softmax in float32
+            q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)  # k: float32 for the queue
+            l_pos = (q * k).sum(1, keepdim=True)  # N×1
+            l_neg = q @ self.queue  # N×K
+            logits = torch.cat([l_pos, l_neg], dim=1) / self.T  # Eq. (1)
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return logits, labels, k
 
@@ -222,8 +225,9 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     for i, (images, _) in enumerate(loader):
         data_time.update(time.time() - end)
         im_q, im_k = (x.to(device, non_blocking=True) for x in images)
-        logits, labels, k = model(im_q, im_k)
-        loss = infonce_loss(logits, labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits, labels, k = model(im_q, im_k)
+        loss = infonce_loss(logits.float(), labels)
         acc1, acc5 = common.accuracy(logits, labels, topk=(1, 5))  # the (K+1)-way pretext task
         losses.update(loss, im_q.shape[0]), top1.update(acc1, im_q.shape[0]), top5.update(acc5, im_q.shape[0])
         optimizer.zero_grad(set_to_none=True)
@@ -344,6 +348,8 @@ def main(argv=None):
     norm_layer = partial(SplitBatchNorm, num_splits=args.bn_splits) if args.bn_splits > 1 else None
     model = MoCo(partial(models.__dict__[args.arch], norm_layer=norm_layer), args.moco_dim,
                  args.moco_k, args.moco_m, args.moco_t, args.mlp).to(device)
+    if args.channels_last:  # SCAFFOLD
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
     if start_path:
         if is_main:

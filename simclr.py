@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -218,8 +220,9 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
         data_time.update(time.time() - end)
         adjust_learning_rate(optimizer, epoch + i / len(loader), args)  # per step, from (epoch, step)
         x1, x2 = (x.to(device, non_blocking=True) for x in images)
-        z1, z2 = model(x1, x2)
-        loss, logits, labels = nt_xent_loss(z1, z2, args.temperature)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            z1, z2 = model(x1, x2)
+        loss, logits, labels = nt_xent_loss(z1.float(), z2.float(), args.temperature)
         acc1, acc5 = common.accuracy(logits, labels, topk=(1, 5))  # the positive among 2N−1 candidates
         losses.update(loss, logits.shape[0]), top1.update(acc1, logits.shape[0]), top5.update(acc5, logits.shape[0])
         optimizer.zero_grad(set_to_none=True)
@@ -337,6 +340,8 @@ def main(argv=None):
     model = SimCLR(models.__dict__[args.arch], args.proj_out_dim).to(device)
     if ddp and device.type == "cuda":  # METHOD: Sec. 2.2, global BN (GPU-only in torch: per-process BN on CPU)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:  # SCAFFOLD
+        model = model.to(memory_format=torch.channels_last)
     args.init_lr = args.lr * args.batch_size / 256  # METHOD: Sec. 2.3, 0.3 × batch/256 (4.8 at 4096)
     optimizer = LARS(lars_param_groups(model), args.init_lr, args.momentum, args.wd)
     if start_path:

@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -153,7 +155,9 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     for i, (images, _) in enumerate(loader):
         data_time.update(time.time() - end)
         x1, x2 = (x.to(device, non_blocking=True) for x in images)
-        p1, p2, z1, z2 = model(x1, x2)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            outputs = model(x1, x2)
+        p1, p2, z1, z2 = (t.float() for t in outputs)
         loss = simsiam_loss(p1, p2, z1, z2)
         losses.update(loss, x1.shape[0]), z_stds.update(collapse_std(z1), x1.shape[0])  # this rank's batch
         optimizer.zero_grad(set_to_none=True)
@@ -267,6 +271,8 @@ def main(argv=None):
     if ddp and device.type == "cuda":  # METHOD: BN synchronised across devices (Sec. 3); torch's SyncBN is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
+    if args.channels_last:  # SCAFFOLD
+        model = model.to(memory_format=torch.channels_last)
     args.init_lr = args.lr * args.batch_size / 256  # METHOD: Sec. 3, lr × BatchSize/256
     optimizer = torch.optim.SGD([{"params": model.encoder.parameters(), "fix_lr": False},
                                  {"params": model.predictor.parameters(), "fix_lr": args.fix_pred_lr}],

@@ -194,7 +194,7 @@ def test_param_groups_exclude_every_bias_and_bn_and_skip_the_target():
 def test_train_step_uses_the_global_step_and_updates_the_target_after_the_online_step():
     model = tiny_byol()
     perturb_target(model)
-    args = argparse.Namespace(epochs=6, warmup_epochs=1, init_lr=0.5, tau_base=0.9, print_freq=1, output_dir="x")
+    args = argparse.Namespace(epochs=6, warmup_epochs=1, init_lr=0.5, tau_base=0.9, print_freq=1, output_dir="x", amp=False)
     optimizer = byol.LARS(byol.lars_param_groups(model), args.init_lr, momentum=0.9, weight_decay=1e-3)
     loader = [([torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6)], torch.zeros(4))] * 2  # 2 steps an epoch
     calls, update = [], model._update_target_network
