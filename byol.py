@@ -99,9 +99,7 @@ class BYOL(nn.Module):
     def _update_target_network(self, tau: float):
         """Eq. (1): ξ ← τ·ξ + (1−τ)·θ, one fused op over all parameters. BN running statistics are
         not averaged: the target keeps its own, from its own forward passes (as the official code)."""
-        params_t = list(self.target_encoder.parameters())
-        torch._foreach_mul_(params_t, tau)
-        torch._foreach_add_(params_t, list(self.encoder.parameters()), alpha=1 - tau)
+        torch._foreach_lerp_(list(self.target_encoder.parameters()), list(self.encoder.parameters()), 1 - tau)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor):
         """Online predictions p1, p2 (q_θ(z_θ) of view 1 and 2) and target projections z1, z2
@@ -164,7 +162,7 @@ def rank_and_world() -> tuple:
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with momentum. Parameters in a group with
     `lars_exclude=True` (biases and BN, as in the official SimCLR and BYOL code) get plain SGD with
-    momentum and no weight decay. Fused over the parameters: no per-parameter Python loop."""
+    momentum and no weight decay. The arithmetic runs as _foreach ops over all parameters at once."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001):

@@ -137,8 +137,9 @@ class CMC(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # --amp: similarities and softmax in float32
             f_l, f_ab = F.normalize(f_l.float(), dim=1), F.normalize(f_ab.float(), dim=1)  # float32 like the banks
             # Eq. (4), cross-view: view l is scored against bank ab, view ab against bank l
-            s_l = torch.bmm(self.memory_ab[idx], f_l.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
-            s_ab = torch.bmm(self.memory_l[idx], f_ab.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
+            rows = idx.view(-1)  # index_select: about half the time of advanced indexing, same result
+            s_l = torch.bmm(self.memory_ab.index_select(0, rows).view(*idx.shape, -1), f_l.unsqueeze(2)).squeeze(2) / self.T
+            s_ab = torch.bmm(self.memory_l.index_select(0, rows).view(*idx.shape, -1), f_ab.unsqueeze(2)).squeeze(2) / self.T
             if self.softmax:
                 return s_l, s_ab, f_l.detach(), f_ab.detach()
             self._estimate_Z(s_l, s_ab)

@@ -126,7 +126,7 @@ class InsDis(nn.Module):
         f = self.encoder(x)  # B×d
         idx = torch.randint(self.n_data, (x.shape[0], self.K + 1), device=x.device)  # uniform noise, per rank
         idx[:, 0] = index  # the positive: the image's own bank row
-        weight = self.memory[idx]  # B×(K+1)×d, gathered rows (the bank itself is never copied)
+        weight = self.memory.index_select(0, idx.view(-1)).view(*idx.shape, -1)  # B×(K+1)×d rows; the bank is never copied
         with torch.autocast(x.device.type, enabled=False):  # --amp: similarities and softmax in float32
             f = F.normalize(f.float(), dim=1)  # float32 like the bank it is written into
             s = torch.bmm(weight, f.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1), v_j·f/τ (Eq. 2)

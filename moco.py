@@ -124,10 +124,8 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
-        """Eq. (2): θk ← m·θk + (1−m)·θq, one fused op over all parameters."""
-        params_k = list(self.encoder_k.parameters())
-        torch._foreach_mul_(params_k, self.m)
-        torch._foreach_add_(params_k, list(self.encoder_q.parameters()), alpha=1 - self.m)
+        """Eq. (2): θk ← m·θk + (1−m)·θq = θk + (1−m)·(θq − θk), one fused pass over all parameters."""
+        torch._foreach_lerp_(list(self.encoder_k.parameters()), list(self.encoder_q.parameters()), 1 - self.m)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor):

@@ -153,7 +153,7 @@ def build_transform(args) -> common.MultiView:
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with momentum. Parameters in a group with
     `lars_exclude=True` (biases and BN, as in the official SimCLR and BYOL code) get plain SGD with
-    momentum and no weight decay. Fused over the parameters: no per-parameter Python loop."""
+    momentum and no weight decay. The arithmetic runs as _foreach ops over all parameters at once."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001):
