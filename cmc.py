@@ -137,9 +137,11 @@ class CMC(nn.Module):
         with torch.autocast(x.device.type, enabled=False):  # --amp: similarities and softmax in float32
             f_l, f_ab = F.normalize(f_l.float(), dim=1), F.normalize(f_ab.float(), dim=1)  # float32 like the banks
             # Eq. (4), cross-view: view l is scored against bank ab, view ab against bank l
-            rows = idx.view(-1)  # index_select: about half the time of advanced indexing, same result
-            s_l = torch.bmm(self.memory_ab.index_select(0, rows).view(*idx.shape, -1), f_l.unsqueeze(2)).squeeze(2) / self.T
-            s_ab = torch.bmm(self.memory_l.index_select(0, rows).view(*idx.shape, -1), f_ab.unsqueeze(2)).squeeze(2) / self.T
+            # index_select gathers the drawn rows (B×(K+1)×d); the banks themselves are never copied
+            weight_ab = self.memory_ab.index_select(0, idx.view(-1)).view(*idx.shape, -1)
+            weight_l = self.memory_l.index_select(0, idx.view(-1)).view(*idx.shape, -1)
+            s_l = torch.bmm(weight_ab, f_l.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
+            s_ab = torch.bmm(weight_l, f_ab.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
             if self.softmax:
                 return s_l, s_ab, f_l.detach(), f_ab.detach()
             self._estimate_Z(s_l, s_ab)
@@ -203,7 +205,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
         images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             out_l, out_ab, f_l, f_ab = model(images, index)
-        loss, l_p, ab_p = cmc_loss(out_l.float(), out_ab.float(), n_data, args.softmax)
+        loss, l_p, ab_p = cmc_loss(out_l, out_ab, n_data, args.softmax)
         losses.update(loss, images.shape[0]), l_prob.update(l_p, images.shape[0]), ab_prob.update(ab_p, images.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

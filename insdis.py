@@ -244,7 +244,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
         images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             out, f, v = model(images, index)
-        loss, prob = insdis_loss(out.float(), f.float(), v, n_data, args.softmax, args.prox_lambda)
+        loss, prob = insdis_loss(out, f, v, n_data, args.softmax, args.prox_lambda)
         losses.update(loss, images.shape[0]), probs.update(prob, images.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -225,7 +225,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
         im_q, im_k = (x.to(device, non_blocking=True) for x in images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             logits, labels, k = model(im_q, im_k)
-        loss = infonce_loss(logits.float(), labels)
+        loss = infonce_loss(logits, labels)  # logits are float32 (see MoCo.forward)
         acc1, acc5 = common.accuracy(logits, labels, topk=(1, 5))  # the (K+1)-way pretext task
         losses.update(loss, im_q.shape[0]), top1.update(acc1, im_q.shape[0]), top5.update(acc5, im_q.shape[0])
         optimizer.zero_grad(set_to_none=True)
