@@ -16,7 +16,9 @@ ResNet passes the method needs anyway, on the same batch, in the same process an
 The floor is `models.__dict__[arch](num_classes=dim)`, the network a script builds before it
 swaps in its head, in train mode; it takes no optimiser step, so the ratio counts heads,
 optimiser, EMA, queue/bank work and Python overhead alike. Repetitions are interleaved (step,
-floor, step, floor, ...) after warm-up; ratio = median(step) / median(floor).
+floor, step, floor, ...) after warm-up; ratio = median(step) / median(floor). The last column
+times the optimiser step alone: a cost per parameter, the same at any batch size, so the part of
+the overhead that a larger per-device batch amortises.
 
     python benchmarks/overhead.py                         # all methods, resnet18, batch 32, 32 px
     python benchmarks/overhead.py --methods moco insdis -b 64 --reps 20
@@ -74,8 +76,9 @@ def floor_step(nets_with_grad, nets_no_grad):
 
 
 # ------------------------------------------------------------------------------------------ methods
-# Each builder returns (step, floor): two closures over the same inputs. The step bodies copy the
-# scripts' train_one_epoch loops line for line, less the loader and the time meters.
+# Each builder returns (step, optimizer, floor): two closures over the same inputs, and the step's
+# optimiser. The step bodies copy the scripts' train_one_epoch loops line for line, less the loader
+# and the time meters.
 def build_moco(args, device, x1, x2, index):
     import moco
     a = script_args(moco, args, "--moco-k", str(MOCO_K))
@@ -94,7 +97,7 @@ def build_moco(args, device, x1, x2, index):
         moco.unwrap(model)._dequeue_and_enqueue(k)
 
     net = plain_resnet(a.arch, a.moco_dim).to(device).train()
-    return step, floor_step([(net, x1)], [(net, x2)])
+    return step, optimizer, floor_step([(net, x1)], [(net, x2)])
 
 
 def build_simclr(args, device, x1, x2, index):
@@ -120,7 +123,7 @@ def build_simclr(args, device, x1, x2, index):
 
     net = plain_resnet(a.arch, a.proj_out_dim).to(device).train()
     both = torch.cat([x1, x2])  # the floor's input is made once: the script's torch.cat counts as overhead
-    return step, floor_step([(net, both)], [])
+    return step, optimizer, floor_step([(net, both)], [])
 
 
 def build_byol(args, device, x1, x2, index):
@@ -147,7 +150,7 @@ def build_byol(args, device, x1, x2, index):
         taus.update(tau)
 
     net = plain_resnet(a.arch, a.dim).to(device).train()
-    return step, floor_step([(net, x1), (net, x2)], [(net, x1), (net, x2)])
+    return step, optimizer, floor_step([(net, x1), (net, x2)], [(net, x1), (net, x2)])
 
 
 def build_simsiam(args, device, x1, x2, index):
@@ -169,7 +172,7 @@ def build_simsiam(args, device, x1, x2, index):
         optimizer.step()
 
     net = plain_resnet(a.arch, a.dim).to(device).train()
-    return step, floor_step([(net, x1), (net, x2)], [])
+    return step, optimizer, floor_step([(net, x1), (net, x2)], [])
 
 
 def build_insdis(args, device, x1, x2, index):
@@ -191,7 +194,7 @@ def build_insdis(args, device, x1, x2, index):
         insdis.unwrap(model)._update_memory(index, f.detach())
 
     net = plain_resnet(a.arch, a.feat_dim).to(device).train()
-    return step, floor_step([(net, x1)], [])
+    return step, optimizer, floor_step([(net, x1)], [])
 
 
 def build_cmc(args, device, x1, x2, index):
@@ -215,7 +218,7 @@ def build_cmc(args, device, x1, x2, index):
     net_l = plain_resnet(a.arch, a.feat_dim, in_channels=1).to(device).train()
     net_ab = plain_resnet(a.arch, a.feat_dim, in_channels=2).to(device).train()
     x_l, x_ab = x1[:, :1].contiguous(), x1[:, 1:].contiguous()  # the script's slicing counts as overhead
-    return step, floor_step([(net_l, x_l), (net_ab, x_ab)], [])
+    return step, optimizer, floor_step([(net_l, x_l), (net_ab, x_ab)], [])
 
 
 METHODS = {"moco": build_moco, "simclr": build_simclr, "byol": build_byol, "simsiam": build_simsiam,
@@ -240,15 +243,20 @@ def measure(method: str, args, device) -> dict:
     x1 = torch.randn(n, 3, size, size, device=device)
     x2 = torch.randn(n, 3, size, size, device=device)
     index = torch.randperm(BANK_N, device=device)[:n]  # distinct dataset indices, as a sampler gives
-    step, floor = METHODS[method](args, device, x1, x2, index)
+    step, optimizer, floor = METHODS[method](args, device, x1, x2, index)
     for _ in range(args.warmup):  # first calls: allocator, cudnn autotune, InsDis/CMC's one-off Z estimate
         step(), floor()
     step_times, floor_times = [], []
     for _ in range(args.reps):
         step_times.append(timed(step, device))
         floor_times.append(timed(floor, device))
+    # The optimiser step alone (on the last step's gradients), after the interleaved pairs: its cost
+    # grows with the parameters, not the batch, so it says how much of the overhead a larger
+    # per-device batch would amortise.
+    opt_ms = 1000 * statistics.median(timed(optimizer.step, device) for _ in range(args.reps))
     step_ms, floor_ms = 1000 * statistics.median(step_times), 1000 * statistics.median(floor_times)
-    return {"method": method, "step_ms": step_ms, "floor_ms": floor_ms, "ratio": step_ms / floor_ms}
+    return {"method": method, "step_ms": step_ms, "floor_ms": floor_ms, "ratio": step_ms / floor_ms,
+            "optimizer_ms": opt_ms}
 
 
 def main(argv=None) -> list:
@@ -289,9 +297,10 @@ def main(argv=None) -> list:
     print(f"\n{datetime.date.today()}, {device.type} ({name}), torch {torch.__version__}, "
           f"{args.threads} threads, -a {args.arch}, batch {args.batch_size}, {args.image_size} px, "
           f"{args.reps} reps (median)\n")
-    print("| method | step ms | floor ms | ratio |\n| --- | ---: | ---: | ---: |")
+    print("| method | step ms | floor ms | ratio | of which optimiser ms |\n| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
-        print(f"| {row['method']} | {row['step_ms']:.1f} | {row['floor_ms']:.1f} | {row['ratio']:.3f} |")
+        print(f"| {row['method']} | {row['step_ms']:.1f} | {row['floor_ms']:.1f} | {row['ratio']:.3f} "
+              f"| {row['optimizer_ms']:.1f} |")
     return rows
 
 
