@@ -331,34 +331,3 @@ def test_start_up_errors(argv, message, tmp_path):
     with pytest.raises(SystemExit) as err:
         cmc.main(argv + defaults + ([] if "--nce-k" in argv else ["--nce-k", "8"]))
     assert str(err.value) == f"cmc.py: {message}"
-
-
-def test_batch_not_divisible_by_world_size(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit) as err:
-        cmc.main(["--data", "synthetic:256", "-b", "32", "--output-dir", str(tmp_path)])
-    assert str(err.value) == "cmc.py: global batch 32 does not divide by the world size 3"
-
-
-def test_foreign_checkpoint_is_refused(tmp_path):
-    torch.save({"method": "moco", "state_dict": {}, "epoch": 3}, tmp_path / "other.pth.tar")
-    with pytest.raises(SystemExit) as err:
-        cmc.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--resume", str(tmp_path / "other.pth.tar")])
-    assert str(err.value) == f"cmc.py: '{tmp_path / 'other.pth.tar'}' is not a cmc checkpoint (found: moco)"
-
-
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    cmc.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
-    before = (tmp_path / "checkpoint.pth.tar").read_bytes()
-    real_loss = cmc.cmc_loss
-    monkeypatch.setattr(cmc, "cmc_loss", lambda *a: tuple(t * float("nan") for t in real_loss(*a)))
-    with pytest.raises(SystemExit) as err:
-        cmc.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
-    assert str(err.value).startswith("cmc.py: loss is nan at epoch 1 step 0; stopped")
-    assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
-
-
-def test_removed_official_flags_point_to_torchrun(capsys):
-    with pytest.raises(SystemExit):
-        cmc.parse_args(["--data", "synthetic", "--multiprocessing-distributed"])
-    assert "is gone: launch with torchrun" in capsys.readouterr().err

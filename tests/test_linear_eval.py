@@ -1,6 +1,5 @@
 """linear_eval.py: kNN, frozen backbone + sanity check, checkpoint layouts, export, errors."""
 import math
-import os
 
 import pytest
 import torch

@@ -1,15 +1,13 @@
 """MoCo: InfoNCE, queue, momentum encoder, shuffling BN, split BN, end to end, errors."""
-import copy
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-from conftest import last_line, run_distributed, run_script
+from conftest import run_distributed, run_script
 
 TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--moco-k", "128", "-j", "0",
         "--seed", "0", "-p", "4"]
@@ -248,15 +246,12 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
 
 
 # -------------------------------------------------------------------------------------- errors
-def make_image_folder(root, n_per_class=4, bad=False):
+def make_image_folder(root, n_per_class=4):
     from PIL import Image
     for c in ("a", "b"):
         os.makedirs(root / c, exist_ok=True)
         for i in range(n_per_class):
-            if bad:
-                (root / c / f"{i}.jpg").write_bytes(b"not an image")
-            else:
-                Image.new("RGB", (40, 40), (i * 40, 100, 200)).save(root / c / f"{i}.jpg")
+            Image.new("RGB", (40, 40), (i * 40, 100, 200)).save(root / c / f"{i}.jpg")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -273,51 +268,8 @@ def test_start_up_errors(argv, message, tmp_path):
     assert str(err.value) == f"moco.py: {message}"
 
 
-def test_batch_not_divisible_by_world_size(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit) as err:
-        moco.main(["--data", "synthetic:256", "-b", "32", "--moco-k", "128", "--output-dir", str(tmp_path)])
-    assert str(err.value) == "moco.py: global batch 32 does not divide by the world size 3"
-
-
-def test_empty_folder_and_unreadable_image_are_one_line_errors(tmp_path):
-    (tmp_path / "empty").mkdir()
-    proc = run_script("moco.py", "--data", tmp_path / "empty", "-a", "resnet18", "-b", "4", "--moco-k", "8")
-    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0
-    assert last_line(proc.stderr).startswith(f"moco.py: data folder '{tmp_path / 'empty'}' holds no images")
-    make_image_folder(tmp_path / "bad", bad=True)
-    for workers in ("0", "2"):  # in the main process and re-raised from a worker
-        proc = run_script("moco.py", "--data", tmp_path / "bad", "-a", "resnet18", "-b", "4", "--moco-k", "8",
-                          "-j", workers, "--image-size", "32", "--output-dir", tmp_path / "out")
-        assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0, proc.stderr
-        assert last_line(proc.stderr).startswith("moco.py: cannot read image '"), proc.stderr
-
-
 def test_an_image_folder_trains(tmp_path):
     make_image_folder(tmp_path / "imgs" / "train")
     moco.main(["--data", str(tmp_path / "imgs"), "-a", "resnet18", "-b", "4", "--moco-k", "8", "-j", "0",
                "--image-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")])
     assert torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
-
-
-def test_foreign_checkpoint_is_refused(tmp_path):
-    torch.save({"method": "simclr", "state_dict": {}, "epoch": 3}, tmp_path / "other.pth.tar")
-    with pytest.raises(SystemExit) as err:
-        moco.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path), "--resume", str(tmp_path / "other.pth.tar")])
-    assert str(err.value) == f"moco.py: '{tmp_path / 'other.pth.tar'}' is not a moco checkpoint (found: simclr)"
-
-
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    moco.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path)])
-    before = (tmp_path / "checkpoint.pth.tar").read_bytes()
-    monkeypatch.setattr(moco, "infonce_loss", lambda logits, labels: F.cross_entropy(logits, labels) * float("nan"))
-    with pytest.raises(SystemExit) as err:
-        moco.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
-    assert str(err.value).startswith("moco.py: loss is nan at epoch 1 step 0; stopped")
-    assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
-
-
-def test_removed_official_flags_point_to_torchrun(capsys):
-    with pytest.raises(SystemExit):
-        moco.parse_args(["--data", "synthetic", "--multiprocessing-distributed"])
-    assert "is gone: launch with torchrun" in capsys.readouterr().err

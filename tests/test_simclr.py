@@ -4,7 +4,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
@@ -260,22 +259,6 @@ def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
     assert torch.equal(backbone.encoder.conv1.weight, state["module.encoder.conv1.weight"])
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(pretrained, tmp_path, monkeypatch):
-    shutil.copy(pretrained[0] / "checkpoint.pth.tar", tmp_path / "checkpoint.pth.tar")
-    before = (tmp_path / "checkpoint.pth.tar").read_bytes()
-    real = simclr.nt_xent_loss
-
-    def nan_loss(z1, z2, tau):
-        loss, logits, labels = real(z1, z2, tau)
-        return loss * float("nan"), logits, labels
-
-    monkeypatch.setattr(simclr, "nt_xent_loss", nan_loss)
-    with pytest.raises(SystemExit) as err:
-        simclr.main(TINY + ["--epochs", "3", "--output-dir", str(tmp_path), "--resume", "auto"])
-    assert str(err.value).startswith("simclr.py: loss is nan at epoch 2 step 0; stopped")
-    assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
-
-
 # -------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
@@ -288,24 +271,7 @@ def test_start_up_errors(argv, message, tmp_path):
     assert str(err.value) == f"simclr.py: {message}"
 
 
-def test_batch_not_divisible_by_world_size(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(SystemExit) as err:
-        simclr.main(["--data", "synthetic:256", "-b", "32", "--output-dir", str(tmp_path)])
-    assert str(err.value) == "simclr.py: global batch 32 does not divide by the world size 3"
-
-
-def test_foreign_checkpoint_is_refused(tmp_path):
-    torch.save({"method": "moco", "state_dict": {}, "epoch": 3}, tmp_path / "other.pth.tar")
-    with pytest.raises(SystemExit) as err:
-        simclr.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path),
-                    "--resume", str(tmp_path / "other.pth.tar")])
-    assert str(err.value) == f"simclr.py: '{tmp_path / 'other.pth.tar'}' is not a simclr checkpoint (found: moco)"
-
-
-def test_errors_on_the_command_line_are_one_line(tmp_path):
+def test_a_missing_folder_is_one_line_on_the_command_line(tmp_path):
     proc = run_script("simclr.py", "--data", tmp_path / "missing", "-a", "resnet18", "-b", "4")
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert last_line(proc.stderr) == f"simclr.py: data folder '{tmp_path / 'missing'}' does not exist"
-    with pytest.raises(SystemExit):
-        simclr.parse_args(["--data", "synthetic", "--dist-url", "tcp://x"])
