@@ -5,12 +5,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Two cores shared with other jobs: one intra-op thread per process avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses of run_script
+    yield
+    torch.set_num_threads(threads)
 
 
 def free_port() -> int:

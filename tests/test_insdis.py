@@ -15,14 +15,7 @@ TINY = ["--data", "synthetic:128", "-a", "resnet18", "-b", "32", "--nce-k", "32"
         "--seed", "0", "-p", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Two cores shared with other jobs: one intra-op thread per process avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses of run_script
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):

@@ -57,14 +57,7 @@ GONE_FLAGS = [["--dist-url", "tcp://x:1"], ["--multiprocessing-distributed"], ["
 each_script = pytest.mark.parametrize("name", list(SCRIPTS), ids=list(SCRIPTS))
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Two cores shared with other jobs: one intra-op thread per process avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses of run_script
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @each_script
