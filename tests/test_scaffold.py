@@ -55,8 +55,6 @@ SCRIPTS = {
 GONE_FLAGS = [["--dist-url", "tcp://x:1"], ["--multiprocessing-distributed"], ["--gpu", "0"],
               ["--world-size", "1"], ["--rank", "0"]]
 each_script = pytest.mark.parametrize("name", list(SCRIPTS), ids=list(SCRIPTS))
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -123,7 +121,7 @@ def test_unreadable_image_is_a_one_line_error(name, tmp_path):
         for i in range(4):
             (tmp_path / "bad" / c / f"{i}.jpg").write_bytes(b"not an image")
     # -j 2: a worker re-raises it with its traceback (the harder case), through the same except clause as -j 0;
-    # so -j 0 (the main process) runs for moco only, each command line costing ~3 s on 2 cores
+    # so -j 0 (the main process) runs for moco only, each command line costing ~8 s on 2 cores
     for workers in ("0", "2") if name == "moco" else ("2",):
         proc = run_script(f"{name}.py", "--data", tmp_path / "bad", "-a", "resnet18", "-b", "4",
                           *SCRIPTS[name].small_batch, "-j", workers, "--image-size", "32",
