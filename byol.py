@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
     group = parser.add_argument_group("model")
+    group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",  # SCAFFOLD
+                       help="ResNet stem; cifar: 3×3 stride-1 conv1, no max-pool; auto: cifar for crops ≤ 32 px")
     group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet")
     group.add_argument("--dim", type=int, default=256, help="projection and prediction size (Sec. 3.3)")
     group.add_argument("--hidden-dim", type=int, default=4096, help="hidden size of projector and predictor (Sec. 3.3)")
@@ -61,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("--knn-every", type=int, default=None,
+                       help="kNN monitor every N epochs, 0 = off (default: 1 for synthetic, CIFAR and STL-10, 0 for "
+                            "image folders: it embeds the train and val splits once, forward only)")
+    group.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours that vote")
+    group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
@@ -70,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.data:
         parser.error("--data is required")
     args.image_size = args.image_size or common.default_image_size(args.data)
+    args.stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem
+    if args.knn_every is None:
+        args.knn_every = int(args.data.split(":")[0] in ("synthetic", "cifar10", "cifar100", "stl10"))
     return args
 
 
@@ -143,6 +154,11 @@ def build_transform(args) -> common.MultiView:
     return common.MultiView([view(1.0, 0.0), view(0.1, 0.2)])
 
 
+def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The representation evaluated: `encoder` without its head (as linear_eval.py reads it)."""
+    return pooled(model.encoder, x)
+
+
 # ---------------------------------------------------------------------------------------- SCAFFOLD
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -156,6 +172,44 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def resnet(arch: str, stem: str, **kwargs) -> nn.Module:
+    """A torchvision ResNet. The "cifar" stem (3×3 stride-1 conv1, no max-pool) is what every reference
+    trains at 32 px with (official SimCLR `cifar_stem`, MoCo's CIFAR demo, lemniscate's resnet_cifar):
+    torchvision's 7×7 stride-2 conv and max-pool would leave layer4 a 1×1 map."""
+    net = models.__dict__[arch](**kwargs)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+        net.maxpool = nn.Identity()
+    return net
+
+
+def pooled(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision ResNet's forward without its fc (the head): the features linear_eval.py reads."""
+    return torch.flatten(nn.Sequential(*list(net.children())[:-1])(x), 1)
+
+
+def knn_loaders(args, rank: int, world_size: int, last=common.normalize):
+    """The monitor's data: the train and val splits in the evaluation view (as linear_eval.py --knn)."""
+    try:
+        return [common.build_loader(common.build_dataset(args.data, split, common.eval_transform(args.image_size, last),
+                                                         args.data_root, return_index=True),
+                                    args.batch_size // world_size, args.workers, rank, world_size, train=False)
+                for split in ("train", "val")]
+    except common.DataError as err:
+        fail(f"--knn-every: {err}")
+
+
+def knn_monitor(model: nn.Module, loaders, device, args) -> float:
+    """Weighted kNN top-1 (Wu et al. 2018, Sec. 3.4) of the backbone with BN in eval mode; every rank
+    embeds its shard and gets the same number. No RNG is drawn, so training is unchanged by it."""
+    model.eval()
+    acc1, _ = common.knn_accuracy(partial(backbone_features, unwrap(model)), *loaders, device,
+                                  concat_all_gather, args.knn_k, args.knn_t)
+    model.train()
+    return float(acc1)
 
 
 # ------------------------------------------------------------------------------------------ METHOD
@@ -330,10 +384,11 @@ def main(argv=None):
         fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
     loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
                                  world_size, train=True, seed=args.seed or 0)
+    knn_data = knn_loaders(args, rank, world_size) if args.knn_every else None
 
     if is_main:
         print(f"=> creating model '{args.arch}'", flush=True)
-    model = BYOL(models.__dict__[args.arch], args.dim, args.hidden_dim)
+    model = BYOL(partial(resnet, args.arch, args.stem), args.dim, args.hidden_dim)
     if ddp and device.type == "cuda":  # METHOD: global BN over the whole batch (Sec. 3.3); torch's SyncBN is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -356,6 +411,11 @@ def main(argv=None):
         seed_everything(args.seed, 1000 * (epoch + 1) + rank)
         try:  # METHOD: lr and τ are set per step inside, from the global step
             metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
+            if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                metrics["knn_acc1"] = knn_monitor(model, knn_data, device, args)
+                if is_main:
+                    print(f" * kNN Acc@1 {metrics['knn_acc1']:.2f} (epoch {epoch}, backbone, k={args.knn_k}, "
+                          f"T={args.knn_t})", flush=True)
         except common.DataError as err:
             fail(common.data_error_message(err))
         if is_main:

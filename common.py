@@ -1,8 +1,10 @@
 """Meters and data helpers shared by every script. Nothing here knows about DDP or a method.
 
-Meters: `AverageMeter`, `ProgressMeter` (the official MoCo progress lines) and `accuracy`.
-Data: `build_dataset` (`--data`), `build_loader` (DistributedSampler + set_epoch), the multi-view
-transform, the augmentation ops torchvision lacks in the papers' exact form, colour conversions
+Meters: `AverageMeter`, `ProgressMeter` (the official MoCo progress lines), `accuracy`, and the
+weighted kNN classifier (`extract_features`, `knn_classify`) shared by `linear_eval.py --knn` and
+the online kNN monitor of every training script.
+Data: `build_dataset` (`--data`), `build_loader` (DistributedSampler + set_epoch), the evaluation
+view (`eval_transform`), the multi-view transform, the augmentation ops torchvision lacks in the papers' exact form, colour conversions
 for CMC, and the built-in `synthetic` dataset.
 """
 import math
@@ -65,7 +67,57 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)):
     return [correct[:min(k, maxk)].any(0).float().mean() * 100 for k in topk]
 
 
+@torch.no_grad()
+def extract_features(embed, loader, device, gather=lambda t: t):
+    """Features (n×d) and labels of a whole `return_index` dataset, in dataset order. Each process
+    embeds its shard; `gather` (an all-gather over the processes, the identity for one) brings every
+    (index, feature, label), so every process ends with the same full table. Padding duplicates of a
+    DistributedSampler land on their own row again."""
+    n = len(loader.dataset)
+    feats, labels = None, torch.zeros(n, dtype=torch.long, device=device)
+    for images, target, index in loader:
+        f = embed(images.to(device, non_blocking=True))
+        if feats is None:
+            feats = torch.zeros(n, f.shape[1], device=device)
+        index = gather(index.to(device))
+        feats[index] = gather(f.float())
+        labels[index] = gather(target.to(device))
+    return feats, labels
+
+
+@torch.no_grad()
+def knn_classify(feats: torch.Tensor, train_feats: torch.Tensor, train_labels: torch.Tensor,
+                 num_classes: int, k: int = 200, T: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN (Wu et al. 2018, Sec. 3.4): the k most cosine-similar training features vote
+    for their class with weight exp(s_i/T). Inputs L2-normalised. Returns class scores, n×num_classes."""
+    k = min(k, train_feats.shape[0])
+    scores = []
+    for start in range(0, feats.shape[0], chunk):  # chunks of queries bound the n×N similarity matrix
+        sim, idx = (feats[start:start + chunk] @ train_feats.t()).topk(k, dim=1)  # chunk×k
+        votes = torch.zeros(sim.shape[0], num_classes, device=feats.device)
+        scores.append(votes.scatter_add_(1, train_labels[idx], (sim / T).exp()))
+    return torch.cat(scores)
+
+
+def knn_accuracy(embed, train_loader, val_loader, device, gather=lambda t: t, k: int = 200,
+                 T: float = 0.07, num_classes: int = 0):
+    """Top-1/top-5 (percent, device tensors) of the weighted kNN: val features against train features
+    (both L2-normalised), as `linear_eval.py --knn` and the online monitor report it."""
+    train_feats, train_labels = extract_features(embed, train_loader, device, gather)
+    val_feats, val_labels = extract_features(embed, val_loader, device, gather)
+    scores = knn_classify(torch.nn.functional.normalize(val_feats, dim=1),
+                          torch.nn.functional.normalize(train_feats, dim=1), train_labels,
+                          num_classes or int(train_labels.max()) + 1, k, T)
+    return accuracy(scores, val_labels, topk=(1, 5))
+
+
 # ------------------------------------------------------------------------------ augmentation ops
+def eval_transform(image_size: int, last=normalize) -> transforms.Compose:
+    """The evaluation view: resize the short side to size/0.875, centre crop (MoCo main_lincls)."""
+    return transforms.Compose([transforms.Resize(round(image_size / 0.875)), transforms.CenterCrop(image_size),
+                               transforms.ToTensor(), last])
+
+
 class MultiView:
     """n augmented views of one image: `MultiView([t, t])` (MoCo, SimCLR) or `MultiView([t1, t2])`
     (BYOL's asymmetric pair)."""
@@ -298,9 +350,12 @@ def build_dataset(data: str, split: str, transform, data_root: str = "./data",
 def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: int,
                  train: bool = True, seed: int = 0):
     """DataLoader over this process's shard. One process is world size 1 of the same code path:
-    call `loader.sampler.set_epoch(epoch)` every epoch to reshuffle. `batch_size` is per process."""
+    call `loader.sampler.set_epoch(epoch)` every epoch to reshuffle. `batch_size` is per process.
+    An evaluation loader (train=False) draws its worker seeds from its own generator, so iterating
+    it leaves the global RNG of the training stream untouched."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                                   shuffle=train, seed=seed, drop_last=train)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                       drop_last=train, persistent_workers=False)
+                                       drop_last=train, persistent_workers=False,
+                                       generator=None if train else torch.Generator())

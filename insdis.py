@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
     group = parser.add_argument_group("model")
+    group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",  # SCAFFOLD
+                       help="ResNet stem; cifar: 3×3 stride-1 conv1, no max-pool; auto: cifar for crops ≤ 32 px")
     group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet")
     group.add_argument("--feat-dim", "--feat_dim", type=int, default=128, help="feature dimension d")
     group = parser.add_argument_group("method")
@@ -49,8 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--nce-m", "--nce_m", type=float, default=0.5, help="bank momentum (0: plain replacement)")
     group.add_argument("--softmax", action="store_true", help="(K+1)-way softmax cross-entropy instead of NCE")
     group.add_argument("--prox-lambda", type=float, default=0.0, help="proximal term λ (Eq. 10); 0 = off")
-    group.add_argument("--knn-k", type=int, default=200, help="kNN monitor after each epoch (Sec. 3.4); 0 = off")
-    group.add_argument("--knn-t", type=float, default=0.07, help="kNN vote temperature")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=200)
     group.add_argument("-b", "--batch-size", type=int, default=256, help="global batch over all processes")
@@ -64,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0)
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("--knn-every", type=int, default=None,
+                       help="kNN monitor every N epochs, 0 = off (default: 1 for synthetic, CIFAR and STL-10, 0 for "
+                            "image folders: it embeds the train and val splits once, forward only)")
+    group.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours that vote")
+    group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
@@ -73,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.data:
         parser.error("--data is required")
     args.image_size = args.image_size or common.default_image_size(args.data)
+    args.stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem
+    if args.knn_every is None:
+        args.knn_every = int(args.data.split(":")[0] in ("synthetic", "cifar10", "cifar100", "stl10"))
     return args
 
 
@@ -170,49 +179,9 @@ def build_transform(args) -> transforms.Compose:
                                transforms.RandomHorizontalFlip(), transforms.ToTensor(), common.normalize])
 
 
-def eval_transform(args) -> transforms.Compose:
-    return transforms.Compose([transforms.Resize(round(args.image_size / 0.875)),
-                               transforms.CenterCrop(args.image_size), transforms.ToTensor(), common.normalize])
-
-
-@torch.no_grad()
-def knn_accuracy(feats: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
-                 k: int = 200, T: float = 0.07, chunk: int = 256) -> torch.Tensor:
-    """Sec. 3.4: the k bank rows most cosine-similar to a validation feature vote for their class with
-    weight exp(s_i/T). Inputs L2-normalised; bank rows with label −1 (unlabelled) do not vote.
-    Returns top-1 accuracy in percent (a device tensor)."""
-    labelled = bank_labels >= 0
-    if not labelled.all():  # masking copies the bank: only when some rows are unlabelled (STL-10)
-        bank, bank_labels = bank[labelled], bank_labels[labelled]
-    k, num_classes = min(k, bank.shape[0]), int(bank_labels.max()) + 1
-    correct = torch.zeros((), device=feats.device)
-    for start in range(0, feats.shape[0], chunk):  # chunk×N similarities: 1.3 GB for ImageNet at 256
-        sim, idx = (feats[start:start + chunk] @ bank.t()).topk(k, dim=1)  # chunk×k
-        votes = torch.zeros(sim.shape[0], num_classes, device=feats.device)
-        votes.scatter_add_(1, bank_labels[idx], (sim / T).exp())
-        correct += (votes.argmax(1) == labels[start:start + chunk]).sum()
-    return correct * 100 / feats.shape[0]
-
-
-@torch.no_grad()
-def knn_monitor(model: nn.Module, loader, bank_labels: torch.Tensor, device, args) -> float:
-    """kNN top-1 of the validation split against the bank (as the official code's per-epoch test).
-    Each rank embeds its shard; gathered (index, feature) pairs fill the table on every rank."""
-    model = unwrap(model).eval()
-    n = len(loader.dataset)
-    feats = torch.zeros(n, model.memory.shape[1], device=device)  # n×d
-    labels = torch.zeros(n, dtype=torch.long, device=device)
-    for images, target, index in loader:
-        index = concat_all_gather(index.to(device))
-        feats[index] = concat_all_gather(F.normalize(model.encoder(images.to(device, non_blocking=True)), dim=1))
-        labels[index] = concat_all_gather(target.to(device))
-    return float(knn_accuracy(feats, labels, model.memory, bank_labels, args.knn_k, args.knn_t))
-
-
-def dataset_targets(dataset) -> torch.Tensor:
-    """Class labels of a build_dataset(..., return_index=True) dataset (STL-10: −1 for unlabelled)."""
-    inner = dataset.dataset
-    return torch.as_tensor(inner.labels if hasattr(inner, "labels") else inner.targets, dtype=torch.long)
+def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The representation evaluated: `encoder` without its head (as linear_eval.py reads it)."""
+    return pooled(model.encoder, x)
 
 
 # ---------------------------------------------------------------------------------------- SCAFFOLD
@@ -228,6 +197,44 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def resnet(arch: str, stem: str, **kwargs) -> nn.Module:
+    """A torchvision ResNet. The "cifar" stem (3×3 stride-1 conv1, no max-pool) is what every reference
+    trains at 32 px with (official SimCLR `cifar_stem`, MoCo's CIFAR demo, lemniscate's resnet_cifar):
+    torchvision's 7×7 stride-2 conv and max-pool would leave layer4 a 1×1 map."""
+    net = models.__dict__[arch](**kwargs)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+        net.maxpool = nn.Identity()
+    return net
+
+
+def pooled(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision ResNet's forward without its fc (the head): the features linear_eval.py reads."""
+    return torch.flatten(nn.Sequential(*list(net.children())[:-1])(x), 1)
+
+
+def knn_loaders(args, rank: int, world_size: int, last=common.normalize):
+    """The monitor's data: the train and val splits in the evaluation view (as linear_eval.py --knn)."""
+    try:
+        return [common.build_loader(common.build_dataset(args.data, split, common.eval_transform(args.image_size, last),
+                                                         args.data_root, return_index=True),
+                                    args.batch_size // world_size, args.workers, rank, world_size, train=False)
+                for split in ("train", "val")]
+    except common.DataError as err:
+        fail(f"--knn-every: {err}")
+
+
+def knn_monitor(model: nn.Module, loaders, device, args) -> float:
+    """Weighted kNN top-1 (Wu et al. 2018, Sec. 3.4) of the backbone with BN in eval mode; every rank
+    embeds its shard and gets the same number. No RNG is drawn, so training is unchanged by it."""
+    model.eval()
+    acc1, _ = common.knn_accuracy(partial(backbone_features, unwrap(model)), *loaders, device,
+                                  concat_all_gather, args.knn_k, args.knn_t)
+    model.train()
+    return float(acc1)
 
 
 # ------------------------------------------------------------------------------------------ METHOD
@@ -353,20 +360,10 @@ def main(argv=None):
         fail(f"--nce-k {args.nce_k} must be smaller than the memory bank ({len(dataset)} images in '{args.data}')")
     loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
                                  world_size, train=True, seed=args.seed or 0)
-    val_loader = None  # METHOD: the kNN monitor needs a labelled val split (an image folder may have none)
-    if args.knn_k > 0:
-        try:
-            val_set = common.build_dataset(args.data, "val", eval_transform(args), args.data_root, return_index=True)
-            val_loader = common.build_loader(val_set, args.batch_size // world_size, args.workers, rank,
-                                             world_size, train=False)
-            bank_labels = dataset_targets(dataset).to(device)
-        except common.DataError as err:
-            if is_main:
-                print(f"=> no kNN monitor: {err}", flush=True)
-
+    knn_data = knn_loaders(args, rank, world_size) if args.knn_every else None
     if is_main:
         print(f"=> creating model '{args.arch}'", flush=True)
-    model = InsDis(models.__dict__[args.arch], len(dataset), args.feat_dim, args.nce_k, args.nce_t,
+    model = InsDis(partial(resnet, args.arch, args.stem), len(dataset), args.feat_dim, args.nce_k, args.nce_t,
                    args.nce_m, args.softmax).to(device)
     if args.channels_last:  # SCAFFOLD
         model = model.to(memory_format=torch.channels_last)
@@ -387,10 +384,11 @@ def main(argv=None):
         adjust_learning_rate(optimizer, epoch, args)
         try:
             metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
-            if val_loader is not None:  # METHOD: Sec. 3.4 on the bank, each epoch as the official code
-                metrics["knn_acc1"] = knn_monitor(model, val_loader, bank_labels, device, args)
+            if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                metrics["knn_acc1"] = knn_monitor(model, knn_data, device, args)
                 if is_main:
-                    print(f" * kNN Acc@1 {metrics['knn_acc1']:.3f}", flush=True)
+                    print(f" * kNN Acc@1 {metrics['knn_acc1']:.2f} (epoch {epoch}, backbone, k={args.knn_k}, "
+                          f"T={args.knn_t})", flush=True)
         except common.DataError as err:
             fail(common.data_error_message(err))
         if is_main:

@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("model")
     group.add_argument("-a", "--arch", default=None, help="torchvision ResNet (default: the checkpoint's, else resnet50)")
     group.add_argument("--pretrained", default="", help="checkpoint to evaluate; none = random init")
+    group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",
+                       help="ResNet stem; auto: the checkpoint's (from conv1's kernel), or cifar (3×3 conv1, "
+                            "no max-pool) for crops ≤ 32 px with random weights")
     group.add_argument("--knn", action="store_true", help="weighted kNN instead of a linear layer")
     group.add_argument("--knn-k", type=int, default=200)
     group.add_argument("--knn-t", type=float, default=0.07)
@@ -96,13 +99,13 @@ class Backbone(nn.Module):
     """A ResNet without its fc; CMC's two encoders (L and ab, or Y and CbCr) side by side, their
     features concatenated (CMC Sec. 4.1). Its input is what `eval_transform` produces."""
 
-    def __init__(self, arch: str, cmc_view: str = ""):
+    def __init__(self, arch: str, cmc_view: str = "", stem: str = "imagenet"):
         super().__init__()
-        self.cmc_view = cmc_view
+        self.arch, self.cmc_view, self.stem = arch, cmc_view, stem
         if cmc_view:
-            self.encoder_l, self.encoder_ab = resnet(arch, 1), resnet(arch, 2)
+            self.encoder_l, self.encoder_ab = resnet(arch, 1, stem), resnet(arch, 2, stem)
         else:
-            self.encoder = resnet(arch, 3)
+            self.encoder = resnet(arch, 3, stem)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cmc_view:
@@ -110,17 +113,26 @@ class Backbone(nn.Module):
         return self.encoder(x)
 
 
-def resnet(arch: str, in_channels: int) -> nn.Module:
+def resnet(arch: str, in_channels: int, stem: str) -> nn.Module:
+    """The training scripts' backbone: stem "cifar" = 3×3 stride-1 conv1 and no max-pool."""
     if arch not in models.list_models(module=models) or not arch.startswith(("resnet", "wide_resnet", "resnext")):
         fail(f"-a {arch} is not a torchvision ResNet")
     net = models.__dict__[arch]()
-    if in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if in_channels != 3 or stem == "cifar":
+        kernel, stride, padding = (3, 1, 1) if stem == "cifar" else (7, 2, 3)
+        net.conv1 = nn.Conv2d(in_channels, 64, kernel, stride, padding, bias=False)
+    if stem == "cifar":
+        net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net
 
 
-def load_backbone(path: str, arch: str, is_main: bool):
+def stem_of(conv1_weight: torch.Tensor) -> str:
+    """A checkpoint's stem, from conv1's kernel: 3×3 is the CIFAR stem, 7×7 torchvision's."""
+    return "cifar" if conv1_weight.shape[-1] == 3 else "imagenet"
+
+
+def load_backbone(path: str, arch: str, stem: str, is_main: bool):
     """Reads a checkpoint (tensors only), finds the backbone by its key prefix, drops the heads.
     Returns the backbone and the state it was loaded from (for the sanity check)."""
     try:
@@ -149,13 +161,16 @@ def load_backbone(path: str, arch: str, is_main: bool):
                 backbone_state[new + key[len(prefix):]] = value
                 used.add(key)
     ignored = [k for k in state if k not in used]
-    backbone = Backbone(arch, cmc_view)
+    conv1 = next(v for k, v in backbone_state.items() if k.endswith("conv1.weight") and k.count(".") == 2)
+    if stem not in ("auto", stem_of(conv1)):
+        fail(f"'{path}' has the {stem_of(conv1)} stem (conv1 {tuple(conv1.shape)}), not --stem {stem}")
+    backbone = Backbone(arch, cmc_view, stem_of(conv1))
     try:
         backbone.load_state_dict(backbone_state)
     except RuntimeError as err:
         fail(f"'{path}' ({layout}) does not fit -a {arch}: {' '.join(str(err).split())[:300]}")
     if is_main:
-        print(f"=> loaded '{path}': {layout}, arch {arch}; used {len(used)} keys "
+        print(f"=> loaded '{path}': {layout}, arch {arch}, {stem_of(conv1)} stem; used {len(used)} keys "
               f"({', '.join(p for p, _ in renames) or 'no prefix'}), ignored {len(ignored)}: "
               f"{summarise(ignored)}", flush=True)
     return backbone, {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -185,38 +200,7 @@ def train_transform(args, cmc_view: str):
 
 
 def eval_transform(args, cmc_view: str):
-    return transforms.Compose([transforms.Resize(round(args.image_size / 0.875)),
-                               transforms.CenterCrop(args.image_size), transforms.ToTensor(),
-                               common.ToColorSpace(cmc_view) if cmc_view else common.normalize])
-
-
-@torch.no_grad()
-def extract_features(backbone: nn.Module, loader, device, n: int):
-    """Features (n×d) and labels of a whole dataset. Each rank embeds its shard; all-gathered
-    (index, feature) pairs fill the table, so every rank ends with the same full table."""
-    feats, labels = None, torch.zeros(n, dtype=torch.long, device=device)
-    for images, target, index in loader:
-        f = backbone(images.to(device, non_blocking=True))
-        if feats is None:
-            feats = torch.zeros(n, f.shape[1], device=device)
-        index = concat_all_gather(index.to(device))
-        feats[index] = concat_all_gather(f)
-        labels[index] = concat_all_gather(target.to(device))
-    return feats, labels
-
-
-@torch.no_grad()
-def knn_classify(feats: torch.Tensor, train_feats: torch.Tensor, train_labels: torch.Tensor,
-                 num_classes: int, k: int = 200, T: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Wu et al. 2018, Sec. 3.4: the k most cosine-similar training features vote for their class
-    with weight exp(s_i/T). Inputs L2-normalised. Returns class scores, n×num_classes."""
-    k = min(k, train_feats.shape[0])
-    scores = []
-    for start in range(0, feats.shape[0], chunk):  # chunks of queries bound the n×N similarity matrix
-        sim, idx = (feats[start:start + chunk] @ train_feats.t()).topk(k, dim=1)  # chunk×k
-        votes = torch.zeros(sim.shape[0], num_classes, device=feats.device)
-        scores.append(votes.scatter_add_(1, train_labels[idx], (sim / T).exp()))
-    return torch.cat(scores)
+    return common.eval_transform(args.image_size, common.ToColorSpace(cmc_view) if cmc_view else common.normalize)
 
 
 class LARS(torch.optim.Optimizer):
@@ -384,19 +368,24 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
 
     if args.pretrained:  # METHOD
-        backbone, reference = load_backbone(args.pretrained, args.arch, is_main)
+        backbone, reference = load_backbone(args.pretrained, args.arch, args.stem, is_main)
     else:
         args.arch = args.arch or "resnet50"
+        stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem
         if is_main:
-            print(f"=> creating model '{args.arch}' with random weights (no --pretrained)", flush=True)
-        backbone = Backbone(args.arch)
+            print(f"=> creating model '{args.arch}' ({stem} stem) with random weights (no --pretrained)", flush=True)
+        backbone = Backbone(args.arch, stem=stem)
         reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+    args.arch, args.stem = backbone.arch, backbone.stem  # recorded in the probe's checkpoint
     if args.export:
         if backbone.cmc_view:
             fail("--export writes one torchvision ResNet; a CMC checkpoint holds two encoders")
         if is_main:
             torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export)
-            print(f"=> exported the backbone to '{args.export}' (torchvision.models.{args.arch or 'resnet50'}, without fc)")
+            load = "" if backbone.stem == "imagenet" else (
+                " after setting conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity()")
+            print(f"=> exported the backbone to '{args.export}': torchvision.models.{args.arch}() loads it "
+                  f"with strict=False (only fc.* missing){load}", flush=True)
         return
     backbone.to(device).eval().requires_grad_(False)
 
@@ -412,7 +401,7 @@ def main(argv=None):
     per_process = args.batch_size // world_size
     val_loader = common.build_loader(val_set, per_process, args.workers, rank, world_size, train=False)
     try:
-        val_feats, val_labels = extract_features(backbone, val_loader, device, len(val_set))
+        val_feats, val_labels = common.extract_features(backbone, val_loader, device, concat_all_gather)
     except common.DataError as err:
         fail(common.data_error_message(err))
 
@@ -421,11 +410,11 @@ def main(argv=None):
                                            args.data_root, return_index=True)
         loader = common.build_loader(train_plain, per_process, args.workers, rank, world_size, train=False)
         try:
-            train_feats, train_labels = extract_features(backbone, loader, device, len(train_plain))
+            train_feats, train_labels = common.extract_features(backbone, loader, device, concat_all_gather)
         except common.DataError as err:
             fail(common.data_error_message(err))
-        scores = knn_classify(F.normalize(val_feats, dim=1), F.normalize(train_feats, dim=1),
-                              train_labels, num_classes, args.knn_k, args.knn_t)
+        scores = common.knn_classify(F.normalize(val_feats, dim=1), F.normalize(train_feats, dim=1),
+                                     train_labels, num_classes, args.knn_k, args.knn_t)
         acc1, acc5 = common.accuracy(scores, val_labels, topk=(1, 5))
         if is_main:
             print(f"=> kNN (k={args.knn_k}, T={args.knn_t}): Acc@1 {float(acc1):.2f} Acc@5 {float(acc5):.2f}", flush=True)

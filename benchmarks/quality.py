@@ -4,7 +4,7 @@ Every method pre-trains a ResNet-18 for the same number of epochs (the same imag
 the same weighted kNN (k=200, T=0.07) and the same linear probe evaluate its backbone, and a
 randomly initialised backbone as the floor. Prints a markdown table (README.md carries it).
 
-    python benchmarks/quality.py                       # all methods, ~25 min on 2 CPU cores
+    python benchmarks/quality.py                       # all methods, 3 seeds each
     python benchmarks/quality.py --methods moco simsiam --epochs 4
     python benchmarks/quality.py --smoke               # seconds: checks that the pipeline runs
 
@@ -43,11 +43,10 @@ def run(cmd, log):
     return proc.stdout, time.time() - start
 
 
-def evaluate(pretrained, args, out_dir):
+def evaluate(pretrained, args, out_dir, seed):
     out_dir = os.path.abspath(out_dir)
-    common = ["linear_eval.py", "--data", args.data, "-a", args.arch, "-j", str(args.workers), "--seed", "0"]
-    if pretrained:
-        common += ["--pretrained", pretrained]
+    common = ["linear_eval.py", "--data", args.data, "-a", args.arch, "-j", str(args.workers), "--seed", str(seed)]
+    common += ["--pretrained", pretrained] if pretrained else ["--stem", args.stem]  # random init: seeded weights
     stdout, _ = run(common + ["--knn"], os.path.join(out_dir, "eval.log"))
     knn = float(stdout.split("=> kNN")[1].split("Acc@1")[1].split()[0])
     stdout, _ = run(common + ["--epochs", str(args.probe_epochs), "-b", "256", "--lr", str(args.probe_lr),
@@ -56,12 +55,21 @@ def evaluate(pretrained, args, out_dir):
     return knn, linear
 
 
+def mean_std(values):
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="quality.py", description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--data", default="synthetic")
     parser.add_argument("-a", "--arch", default="resnet18")
+    parser.add_argument("--stem", default="imagenet", choices=["imagenet", "cifar"],
+                        help="imagenet: the CIFAR stem costs ~6x per image at 32 px on a CPU (see README)")
     parser.add_argument("--epochs", type=int, default=8, help="pre-training epochs, the same for every method")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="every figure: mean ± std over these")
     parser.add_argument("--probe-epochs", type=int, default=10)
     parser.add_argument("--probe-lr", type=float, default=0.1, help="the same probe for all (MoCo's lr 30 diverges on a random encoder)")
     parser.add_argument("-b", "--batch-size", type=int, default=128, help="global pre-training batch, every method")
@@ -71,31 +79,41 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.data, args.epochs, args.probe_epochs, args.workers, args.batch_size = "synthetic:256", 1, 1, 0, 32
+        args.seeds = args.seeds[:2]
     args.output_dir = os.path.abspath(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
+    started = time.time()
 
-    rows = []
-    knn, linear = evaluate("", args, os.path.join(args.output_dir, "random"))
-    rows.append(("random init", "–", "–", knn, linear))
-    for method in args.methods:
-        out_dir = os.path.abspath(os.path.join(args.output_dir, method))
-        flags = METHODS[method]
+    rows = []  # (method, pre-train seconds, flags, [kNN per seed], [linear per seed])
+    for method in ["random init"] + args.methods:
+        flags = METHODS.get(method, [])
         if args.smoke:  # K must stay below the 256-image bank and divide by the batch
             flags = [("64" if prev in ("--moco-k", "--nce-k") else f) for prev, f in zip([""] + flags, flags)]
-        _, seconds = run([f"{method}.py", "--data", args.data, "-a", args.arch, "-b", str(args.batch_size), "--epochs",
-                          str(args.epochs), "-j", str(args.workers), "--seed", "0", "-p", "1000",
-                          "--output-dir", out_dir, *flags], os.path.join(args.output_dir, f"{method}.log"))
-        knn, linear = evaluate(os.path.join(out_dir, "checkpoint.pth.tar"), args, out_dir)
-        rows.append((method, f"{seconds:.0f}", " ".join(flags), knn, linear))
-        print(f"{method}: {seconds:.0f} s, kNN {knn:.1f}, linear {linear:.1f}", file=sys.stderr, flush=True)
+        knns, linears, seconds = [], [], []
+        for seed in args.seeds:
+            out_dir = os.path.join(args.output_dir, method.split()[0], f"seed{seed}")
+            pretrained = ""
+            if method != "random init":
+                _, t = run([f"{method}.py", "--data", args.data, "-a", args.arch, "-b", str(args.batch_size),
+                            "--epochs", str(args.epochs), "-j", str(args.workers), "--seed", str(seed), "-p", "1000",
+                            "--stem", args.stem, "--knn-every", "0", "--output-dir", out_dir, *flags],
+                           os.path.join(out_dir, "pretrain.log"))
+                seconds.append(t)
+                pretrained = os.path.join(out_dir, "checkpoint.pth.tar")
+            knn, linear = evaluate(pretrained, args, out_dir, seed)
+            knns.append(knn), linears.append(linear)
+        rows.append((method, sum(seconds) / len(seconds) if seconds else None, " ".join(flags), knns, linears))
+        print(f"{method}: kNN {knns}, linear {linears}", file=sys.stderr, flush=True)
 
     print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"--data {args.data}, -a {args.arch}, batch {args.batch_size}, {args.epochs} epochs each; "
-          f"kNN k=200 T=0.07; linear probe {args.probe_epochs} epochs, lr {args.probe_lr}, cosine\n")
+          f"--data {args.data}, -a {args.arch}, {args.stem} stem, batch {args.batch_size}, {args.epochs} epochs "
+          f"each; kNN k=200 T=0.07; linear probe {args.probe_epochs} epochs, lr {args.probe_lr}, cosine; "
+          f"mean ± std over seeds {args.seeds}; {(time.time() - started) / 60:.0f} min in all\n")
     print("| method | pre-train s | flags | kNN top-1 | linear top-1 |\n| --- | ---: | --- | ---: | ---: |")
-    for method, seconds, flags, knn, linear in rows:
-        print(f"| {method} | {seconds} | `{flags}` | {knn:.1f} | {linear:.1f} |" if flags != "–" else
-              f"| {method} | {seconds} | {flags} | {knn:.1f} | {linear:.1f} |")
+    for method, seconds, flags, knns, linears in rows:
+        (k, ks), (lin, ls) = mean_std(knns), mean_std(linears)
+        print(f"| {method} | {f'{seconds:.0f}' if seconds else '–'} | {f'`{flags}`' if flags else '–'} "
+              f"| {k:.1f} ± {ks:.1f} | {lin:.1f} ± {ls:.1f} |")
     with open(os.path.join(args.output_dir, "quality.json"), "w") as f:
         json.dump(rows, f)
     return rows

@@ -12,6 +12,7 @@ import simclr
 import simsiam
 
 SMALL = ["--data", "synthetic:32", "-a", "resnet18", "-b", "16", "--image-size", "16", "-j", "0", "--seed", "0"]
+SMALL += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
 RUNS = {
     moco: ["--moco-k", "32"],
     simclr: ["--warmup-epochs", "1"],

@@ -15,6 +15,7 @@ from conftest import run_script
 
 TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "16", "--image-size", "16", "--dim", "16",
         "--hidden-dim", "32", "--warmup-epochs", "1", "-j", "0", "--seed", "0", "-p", "2"]
+TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
 STEPS = 4  # 64 images, global batch 16
 
 

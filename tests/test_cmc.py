@@ -14,6 +14,7 @@ from conftest import run_distributed, run_script
 
 TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--nce-k", "64", "-j", "0",
         "--seed", "0", "-p", "4"]
+TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

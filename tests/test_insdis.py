@@ -13,6 +13,7 @@ from conftest import run_distributed, run_script
 
 TINY = ["--data", "synthetic:128", "-a", "resnet18", "-b", "32", "--nce-k", "32", "-j", "0",
         "--seed", "0", "-p", "2"]
+TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -175,39 +176,6 @@ def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(tmp_path):
     assert torch.equal(after[~touched], before[~touched])
 
 
-# ------------------------------------------------------------------------------------------- kNN
-def test_knn_accuracy_matches_a_brute_force_weighted_vote():
-    torch.manual_seed(0)
-    bank = F.normalize(torch.randn(30, 4), dim=1)
-    bank_labels = torch.randint(3, (30,))
-    bank_labels[:5] = -1  # unlabelled (STL-10): they do not vote
-    feats = F.normalize(torch.randn(9, 4), dim=1)
-    labels = torch.randint(3, (9,))
-    correct = 0
-    for q, y in zip(feats, labels):
-        labelled = [(float(q @ b), int(c)) for b, c in zip(bank, bank_labels) if c >= 0]
-        votes = [0.0, 0.0, 0.0]
-        for sim, c in sorted(labelled, reverse=True)[:7]:
-            votes[c] += torch.tensor(sim / 0.1).exp().item()
-        correct += int(max(range(3), key=votes.__getitem__) == int(y))
-    acc = insdis.knn_accuracy(feats, labels, bank, bank_labels, k=7, T=0.1, chunk=4)
-    torch.testing.assert_close(acc, torch.tensor(correct * 100 / 9))
-
-
-def test_knn_monitor_pairs_each_val_feature_with_its_label():
-    import common
-    args = insdis.parse_args(["--data", "synthetic:100", "--knn-k", "1"])
-    val_set = common.build_dataset(args.data, "val", insdis.eval_transform(args), return_index=True)
-    loader = common.build_loader(val_set, 8, 0, 0, 1, train=False)  # 20 images, batches of 8
-    model = tiny_insdis(n_data=len(val_set))
-    with torch.no_grad():  # a bank that holds the val images' own features: 1-NN is each image itself
-        images = torch.stack([val_set[i][0] for i in range(len(val_set))])
-        model.memory.copy_(F.normalize(model.encoder(images), dim=1))
-    labels = insdis.dataset_targets(val_set)
-    assert insdis.knn_monitor(model, loader, labels, torch.device("cpu"), args) == 100.0
-    assert insdis.knn_monitor(model, loader, labels.roll(1), torch.device("cpu"), args) < 50.0
-
-
 # ------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
@@ -221,7 +189,6 @@ def test_one_process_run_checkpoint_and_resume(pretrained, tmp_path, capsys):
     out, proc = pretrained
     assert proc.returncode == 0, proc.stderr
     assert "=> creating model 'resnet18'" in proc.stdout and "Prob" in proc.stdout
-    assert " * kNN Acc@1" in proc.stdout  # synthetic has a labelled val split
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["method"] == "insdis" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
     state = ckpt["state_dict"]
@@ -229,7 +196,6 @@ def test_one_process_run_checkpoint_and_resume(pretrained, tmp_path, capsys):
     assert state["module.encoder.fc.weight"].shape == (128, 512) and state["module.memory"].shape == (128, 128)
     assert float(state["module.Z"]) > 0
     torch.testing.assert_close(state["module.memory"].norm(dim=1), torch.ones(128))
-    assert "knn_acc1" in (out / "log.txt").read_text()
     shutil.copytree(out, tmp_path / "run")
     insdis.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
     stdout = capsys.readouterr().out
@@ -261,10 +227,9 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_softmax_run_leaves_z_unset(tmp_path):
-    insdis.main(TINY + ["--epochs", "1", "--softmax", "--knn-k", "0", "--output-dir", str(tmp_path)])
+    insdis.main(TINY + ["--epochs", "1", "--softmax", "--output-dir", str(tmp_path)])
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert float(ckpt["state_dict"]["module.Z"]) == -1.0 and ckpt["args"]["softmax"]
-    assert "knn_acc1" not in (tmp_path / "log.txt").read_text()  # --knn-k 0: no monitor
 
 
 def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
@@ -294,16 +259,19 @@ def test_start_up_errors(argv, message, tmp_path):
     assert str(err.value) == f"insdis.py: {message}"
 
 
-def test_an_image_folder_without_val_trains_without_the_knn_monitor(tmp_path, capsys):
+def test_an_image_folder_trains_without_the_knn_monitor_unless_asked(tmp_path, capsys):
     from PIL import Image
     for c in ("a", "b"):
         os.makedirs(tmp_path / "imgs" / c)
         for i in range(4):
             Image.new("RGB", (40, 40), (i * 40, 100, 200)).save(tmp_path / "imgs" / c / f"{i}.jpg")
-    insdis.main(["--data", str(tmp_path / "imgs"), "-a", "resnet18", "-b", "4", "--nce-k", "4", "-j", "0",
-                 "--image-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")])
-    assert "=> no kNN monitor: data folder" in capsys.readouterr().out
+    run = ["--data", str(tmp_path / "imgs"), "-a", "resnet18", "-b", "4", "--nce-k", "4", "-j", "0",
+           "--image-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")]
+    insdis.main(run)  # an image folder: the monitor is off by default
+    assert " * kNN" not in capsys.readouterr().out
     assert torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
+    with pytest.raises(SystemExit, match=r"^insdis.py: --knn-every: data folder '.*imgs' has no val/ folder"):
+        insdis.main(run + ["--knn-every", "1"])  # asked for, on a folder without val/: one line, before training
 
 
 def test_underscore_aliases_and_official_defaults():

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.models as models
 
+import common
 import linear_eval
 import moco
 from conftest import run_script
@@ -17,7 +18,7 @@ DATA = ["--data", "synthetic:100", "-j", "0", "-b", "20", "--seed", "0"]
 def moco_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("moco")
     moco.main(["--data", "synthetic:128", "-a", "resnet18", "-b", "32", "--moco-k", "64", "-j", "0",
-               "--epochs", "1", "--seed", "0", "--output-dir", str(out)])
+               "--epochs", "1", "--seed", "0", "--stem", "imagenet", "--knn-every", "0", "--output-dir", str(out)])
     return out / "checkpoint.pth.tar"
 
 
@@ -29,19 +30,19 @@ def test_knn_weighted_vote_by_hand():
     train = torch.tensor([[0.1, math.sqrt(1 - 0.01), 0.0], [0.1, 0.0, math.sqrt(1 - 0.01)],
                           [0.9, math.sqrt(1 - 0.81), 0.0], [-1.0, 0.0, 0.0]])
     labels = torch.tensor([0, 0, 1, 1])
-    scores = linear_eval.knn_classify(q, train, labels, num_classes=2, k=3, T=0.07)
+    scores = common.knn_classify(q, train, labels, num_classes=2, k=3, T=0.07)
     expected = torch.tensor([[2 * math.exp(0.1 / 0.07), math.exp(0.9 / 0.07)]])
     torch.testing.assert_close(scores, expected)
     assert int(scores.argmax(1)) == 1
     # with a high temperature the weights flatten and the two class-0 neighbours win
-    assert int(linear_eval.knn_classify(q, train, labels, 2, k=3, T=100.0).argmax(1)) == 0
+    assert int(common.knn_classify(q, train, labels, 2, k=3, T=100.0).argmax(1)) == 0
 
 
 def test_knn_chunks_give_the_same_scores():
     feats, train = F.normalize(torch.randn(50, 8), dim=1), F.normalize(torch.randn(30, 8), dim=1)
     labels = torch.randint(0, 4, (30,))
-    torch.testing.assert_close(linear_eval.knn_classify(feats, train, labels, 4, k=5, chunk=7),
-                               linear_eval.knn_classify(feats, train, labels, 4, k=5, chunk=1000), rtol=1e-5, atol=0)
+    torch.testing.assert_close(common.knn_classify(feats, train, labels, 4, k=5, chunk=7),
+                               common.knn_classify(feats, train, labels, 4, k=5, chunk=1000), rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------------- frozen backbone + check

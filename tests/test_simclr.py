@@ -16,6 +16,7 @@ from conftest import last_line, run_distributed, run_script
 
 TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "16", "-j", "0", "--seed", "0", "-p", "2",
         "--warmup-epochs", "1", "--temperature", "0.5"]
+TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
 
 
 def brute_force_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float):

@@ -17,6 +17,7 @@ from conftest import run_script
 # 64 images, global batch 32: 2 steps an epoch (2 processes: 2 steps of 16 each)
 TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "32", "--dim", "128", "--pred-dim", "32", "-j", "0",
         "--seed", "0", "-p", "1", "--fix-pred-lr"]
+TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
 INIT_LR = 0.05 * 32 / 256  # Sec. 3: lr × BatchSize/256, from the global batch
 
 
