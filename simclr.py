@@ -95,9 +95,9 @@ class SimCLR(nn.Module):
 class GatherLayer(torch.autograd.Function):
     """All-gather that keeps the gradient. Forward: every rank gets the W·n×d rows of all ranks.
     Backward: every rank's loss has a gradient for every rank's rows (as candidates); the all-reduce
-    sum hands rank r the sum over all losses for its own rows. With each rank's loss the mean over
-    its own anchors, rank r's embeddings then get W·∂L/∂z_r (L: the mean over all 2N anchors), and
-    DDP's 1/W gradient average makes the parameter gradient ∂L/∂θ, as one process holding the
+    sum hands rank r the sum over all losses for its own rows. With the global loss L the mean of the
+    ranks' losses (each a mean over the rank's own anchors), rank r's embeddings then get W·∂L/∂z_r,
+    and DDP's 1/W gradient average makes the parameter gradient ∂L/∂θ, as one process holding the
     global batch would compute it. Without the gradient, rank r would miss the other ranks' terms."""
 
     @staticmethod
@@ -121,9 +121,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float):
     """Eq. (1): ℓ(i,j) = −log exp(sim(z_i,z_j)/τ) / Σ_{k≠i} exp(sim(z_i,z_k)/τ), sim = cosine, over
-    the 2N views of the global batch; the 2N−2 views of other images are the negatives. The mean
-    over this rank's 2n anchors (Alg. 1 averages over all 2N; DDP averages the ranks' gradients).
-    Returns the loss and the 2n×2N logits with the positive's column, for the accuracy meters."""
+    the 2N views of the global batch; the 2N−2 views of other images are the negatives. Scale as the
+    official code, not Alg. 1 (which averages over the 2N anchors): loss_a + loss_b of objective.py
+    (google-research/simclr@383d414, add_contrastive_loss, l. 82–86), the mean over this rank's view-1
+    anchors plus the mean over its view-2 anchors, i.e. 2 × the mean over its 2n (DDP averages the
+    ranks' gradients). The scale matters: LARS cancels it only for the adapted weights, so biases and
+    BN parameters would move half as far. Returns the loss and the 2n×2N logits with the positive's
+    column, for the accuracy meters."""
     rank, _ = rank_and_world()
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2n×d, this rank's [view 1; view 2]
@@ -132,7 +136,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float):
     idx = torch.arange(2 * n, device=z.device)
     logits[idx, rank * 2 * n + idx] = float("-inf")  # k ≠ i in Eq. (1): an anchor is not its own candidate
     labels = rank * 2 * n + (idx + n) % (2 * n)  # the positive: the other view of the same image
-    return F.cross_entropy(logits, labels), logits, labels
+    return 2 * F.cross_entropy(logits, labels), logits, labels  # = mean(view-1 anchors) + mean(view-2 anchors)
 
 
 def build_transform(args) -> common.MultiView:

@@ -19,9 +19,10 @@ TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "16", "-j", "0", "--se
 
 
 def brute_force_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float):
-    """Eq. (1) and Alg. 1 written out: views [z1; z2], anchor i's positive is the other view of its
-    image, the denominator sums over every k ≠ i. Returns the mean loss over all 2N anchors and,
-    per anchor, whether the positive is the most similar candidate (acc@1 of the pretext task)."""
+    """Eq. (1) written out: views [z1; z2], anchor i's positive is the other view of its image, the
+    denominator sums over every k ≠ i. Returns the official objective.py scale, the mean over the
+    view-1 anchors plus the mean over the view-2 anchors (2 × Alg. 1's mean over all 2N), and, per
+    anchor, whether the positive is the most similar candidate (acc@1 of the pretext task)."""
     views = torch.cat([z1, z2])
     two_n = views.shape[0]
     losses, hits = [], []
@@ -31,7 +32,8 @@ def brute_force_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float):
         denominator = sum(torch.exp(sim[k] / tau) for k in range(two_n) if k != i)
         losses.append(-torch.log(torch.exp(sim[j] / tau) / denominator))
         hits.append(all(sim[j] > sim[k] for k in range(two_n) if k not in (i, j)))
-    return torch.stack(losses).mean(), torch.tensor(hits, dtype=torch.float32).mean() * 100
+    loss_a, loss_b = torch.stack(losses[:two_n // 2]).mean(), torch.stack(losses[two_n // 2:]).mean()
+    return loss_a + loss_b, torch.tensor(hits, dtype=torch.float32).mean() * 100
 
 
 # -------------------------------------------------------------------------------------- NT-Xent
@@ -49,6 +51,19 @@ def test_nt_xent_equals_a_brute_force_loop_over_anchors():
     assert torch.isinf(logits.diagonal()).all()  # an anchor is never its own candidate
     # τ matters and is not applied twice: τ → the brute force at another τ
     torch.testing.assert_close(simclr.nt_xent_loss(z1, z2, 0.7)[0], brute_force_nt_xent(z1, z2, 0.7)[0])
+
+
+def test_nt_xent_has_the_official_scale_by_hand():
+    """objective.py returns loss_a + loss_b, twice Alg. 1's mean over the 2N anchors. Two images,
+    both views equal, the images orthogonal: every anchor sees its positive at cosine 1 and two
+    negatives at 0, so each direction's mean is log(1 + 2·e^(−1/τ)) and the loss twice that. Equal
+    views everywhere: chance, 2·log(2N − 1)."""
+    tau = 0.5
+    z = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    loss = simclr.nt_xent_loss(z, z.clone(), tau)[0]
+    assert float(loss) == pytest.approx(2 * math.log(1 + 2 * math.exp(-1 / tau)), rel=1e-6)
+    same = torch.ones(4, 3)
+    assert float(simclr.nt_xent_loss(same, same, tau)[0]) == pytest.approx(2 * math.log(2 * 4 - 1), rel=1e-6)
 
 
 def test_gather_with_grad_is_the_identity_without_a_process_group():
@@ -95,8 +110,8 @@ def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_p
     """Two gloo ranks each hold half of the global batch; the reference is the brute-force loss on
     the whole batch in this process.
 
-    Each rank's loss is the mean over its own anchors against all 2N candidates, so the global
-    loss L (mean over all 2N anchors) is the mean of the ranks' losses. DDP averages parameter
+    Each rank's loss is over its own anchors against all 2N candidates (mean per view, the two views
+    summed), so the global loss L (the same over all 2N anchors) is the mean of the ranks' losses. DDP averages parameter
     gradients over the W ranks (a factor 1/W), so to give ∂L/∂θ each rank's gradient w.r.t. its
     own embeddings must be W·∂L/∂z_rank: the sum over ranks of ∂loss_r/∂z_rank, which is what the
     backward all-reduce of the gather produces. A gather without gradient leaves only the rank's
