@@ -82,7 +82,9 @@ class SimCLR(nn.Module):
 
     def __init__(self, base_encoder, dim: int = 128):
         super().__init__()
-        self.encoder = base_encoder(num_classes=dim)
+        # γ = 0 in the last BN of every residual block, so each block starts as the identity: the
+        # official resnet.py (google-research/simclr@383d414, l. 395 and 480: init_zero=True)
+        self.encoder = base_encoder(num_classes=dim, zero_init_residual=True)
         hidden = self.encoder.fc.in_features
         self.encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), self.encoder.fc)
 

@@ -76,7 +76,7 @@ class TinyNet(nn.Module):
     """Stands in for a torchvision ResNet (num_classes sets the output, `fc` is the head). No BN:
     every sample's embedding depends on that sample only, so the global-batch reference is exact."""
 
-    def __init__(self, num_classes: int = 6):
+    def __init__(self, num_classes: int = 6, zero_init_residual: bool = False):  # no residual blocks
         super().__init__()
         self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
         self.fc = nn.Linear(8, num_classes)
@@ -135,6 +135,19 @@ def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_p
     for p, g0, g1 in zip(model.parameters(), r0["param_grads"], r1["param_grads"]):
         torch.testing.assert_close(g0, p.grad)
         torch.testing.assert_close(g1, p.grad)
+
+
+# ---------------------------------------------------------------------------------------- model
+def test_every_residual_block_starts_as_the_identity():
+    """Official resnet.py (init_zero=True): γ = 0 in the last BN of every residual block, basic
+    (ResNet-18/34) and bottleneck (ResNet-50+) alike; every other BN keeps γ = 1."""
+    for arch, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
+        encoder = simclr.SimCLR(simclr.models.__dict__[arch], 16).encoder
+        blocks = [block for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4) for block in layer]
+        assert all(torch.all(getattr(block, last).weight == 0) for block in blocks)
+        others = [m.weight for name, m in encoder.named_modules()
+                  if isinstance(m, nn.BatchNorm2d) and not name.endswith(last)]
+        assert others and all(torch.all(w == 1) for w in others)
 
 
 # ----------------------------------------------------------------------------------------- LARS
