@@ -157,9 +157,13 @@ def build_transform(args) -> common.MultiView:
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with momentum. Parameters in a group with
-    `lars_exclude=True` (biases and BN, as in the official SimCLR and BYOL code) get plain SGD with
-    momentum and no weight decay. The arithmetic runs as _foreach ops over all parameters at once."""
+    """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with the official SimCLR "classic" momentum:
+    each step's lr goes into the buffer, v ← m·v + lr·trust·(g + λw), w ← w − v (lars_optimizer.py,
+    google-research/simclr@383d414, l. 101–118, classic_momentum=True). At a constant lr it equals
+    b ← m·b + trust·(g + λw), w ← w − lr·b (the form of byol.py and linear_eval.py); while the lr
+    changes (warm-up, cosine) past steps keep their own lr instead of taking the current one.
+    Parameters in a group with `lars_exclude=True` (biases and BN, official
+    `exclude_from_weight_decay`) get trust 1 and no weight decay. _foreach ops over all parameters."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001):
@@ -187,8 +191,8 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(self.state[p]["momentum_buffer"])
             torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            torch._foreach_add_(bufs, grads, alpha=group["lr"])  # v ← m·v + lr·trust·(g + λw)
+            torch._foreach_sub_(params, bufs)  # w ← w − v
 
 
 def lars_param_groups(model: nn.Module) -> list:

@@ -151,25 +151,51 @@ def test_every_residual_block_starts_as_the_identity():
 
 
 # ----------------------------------------------------------------------------------------- LARS
-def test_lars_step_is_the_trust_ratio_formula_and_excluded_params_get_sgd():
-    torch.manual_seed(0)
-    w, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4))
-    lr, wd, eta, m = 0.5, 0.1, 0.01, 0.9
-    optimizer = simclr.LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
-                            lr, momentum=m, weight_decay=wd, trust_coefficient=eta)
-    w_ref, b_ref = w.detach().clone(), b.detach().clone()
-    v_w, v_b = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
-    for _ in range(2):  # the second step checks the momentum buffers
-        gw, gb = torch.randn(3, 4), torch.randn(4)
-        w.grad, b.grad = gw.clone(), gb.clone()
+def lars_by_hand(lrs, classic: bool, wd=0.1, eta=0.01, m=0.9):
+    """Three LARS steps written out for one adapted weight w and one excluded bias b, gradients fixed
+    per step. classic: the official SimCLR lars_optimizer.py, v ← m·v + lr·trust·(g + λw), w ← w − v.
+    Otherwise (byol.py, linear_eval.py; optax in the official BYOL): v ← m·v + trust·(g + λw),
+    w ← w − lr·v. Trust η‖w‖/‖g + λw‖ (You et al. Alg. 1); the bias gets trust 1 and no decay."""
+    w, b = torch.tensor([[3.0, 0.0], [0.0, 4.0]]), torch.tensor([1.0, -2.0])
+    v_w, v_b = torch.zeros(2, 2), torch.zeros(2)
+    for step, lr in enumerate(lrs):
+        g_w, g_b = lars_gradients(step)
+        d = g_w + wd * w
+        u_w = eta * w.norm() / d.norm() * d
+        if classic:
+            v_w, v_b = m * v_w + lr * u_w, m * v_b + lr * g_b
+            w, b = w - v_w, b - v_b
+        else:
+            v_w, v_b = m * v_w + u_w, m * v_b + g_b
+            w, b = w - lr * v_w, b - lr * v_b
+    return w, b
+
+
+def lars_gradients(step: int):
+    return torch.tensor([[1.0, -2.0], [0.5, 3.0]]) * (step + 1), torch.tensor([0.5, 0.25]) / (step + 1)
+
+
+@pytest.mark.parametrize("optimizer_class, classic", [(simclr.LARS, True), (linear_eval.LARS, False)])
+def test_lars_trajectory_with_a_changing_lr_by_hand(optimizer_class, classic):
+    """simclr.py's LARS folds each step's lr into the momentum buffer as the official SimCLR code;
+    byol.py's and linear_eval.py's (the same class) multiply the buffer by the current lr, as the
+    official BYOL optax code. Same steps at a constant lr, different ones while the lr changes."""
+    lrs = [0.1, 0.2, 0.3]
+    w, b = nn.Parameter(torch.tensor([[3.0, 0.0], [0.0, 4.0]])), nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = optimizer_class([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+                                lrs[0], momentum=0.9, weight_decay=0.1, trust_coefficient=0.01)
+    for step, lr in enumerate(lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        w.grad, b.grad = lars_gradients(step)
         optimizer.step()
-        g = gw + wd * w_ref  # You et al. Alg. 1: local lr η‖w‖/‖g + λw‖
-        v_w = m * v_w + eta * w_ref.norm() / g.norm() * g
-        w_ref = w_ref - lr * v_w
-        v_b = m * v_b + gb  # excluded: no weight decay, no trust ratio
-        b_ref = b_ref - lr * v_b
-        torch.testing.assert_close(w.detach(), w_ref)
-        torch.testing.assert_close(b.detach(), b_ref)
+    w_ref, b_ref = lars_by_hand(lrs, classic)
+    torch.testing.assert_close(w.detach(), w_ref)
+    torch.testing.assert_close(b.detach(), b_ref)
+    w_other, b_other = lars_by_hand(lrs, not classic)  # the other form is measurably elsewhere
+    assert (w_other - w_ref).abs().max() > 1e-4 and (b_other - b_ref).abs().max() > 1e-2
+    for got, want in zip(lars_by_hand([0.2] * 3, True), lars_by_hand([0.2] * 3, False)):
+        torch.testing.assert_close(got, want)  # at a constant lr both forms agree
 
 
 def test_lars_groups_exclude_every_bias_and_bn_parameter():
