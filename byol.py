@@ -101,6 +101,12 @@ class BYOL(nn.Module):
     def __init__(self, base_encoder, dim: int = 256, hidden_dim: int = 4096):
         super().__init__()
         self.encoder = base_encoder(num_classes=dim)  # online f_θ; its fc becomes the projector g_θ
+        # Each bottleneck block starts as the identity, γ = 0 in its last BN, as the official haiku
+        # ResNet (dm-haiku@30b2cb5 resnet.py l. 99, BlockV1 bn_2 scale_init=zeros); basic blocks
+        # (ResNet-18/34) keep γ = 1 there. The target, a copy, starts the same.
+        for block in self.encoder.modules():
+            if isinstance(block, models.resnet.Bottleneck):
+                nn.init.zeros_(block.bn3.weight)
         self.encoder.fc = mlp(self.encoder.fc.in_features, hidden_dim, dim)
         self.predictor = mlp(dim, hidden_dim, dim)  # q_θ, online only: the asymmetry (Sec. 3.1)
         self.target_encoder = copy.deepcopy(self.encoder)  # f_ξ and g_ξ start as a copy of θ

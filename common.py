@@ -159,20 +159,23 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
-    """RGB in [0, 1] → YCbCr (ITU-R BT.601, full range, scaled to [0, 255] like PIL's)."""
-    r, g, b = (rgb * 255).unbind(-3)
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
-    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    """RGB in [0, 1] → YCbCr, ITU-R BT.601 studio range (Y in [16, 235], Cb and Cr in [16, 240]):
+    skimage.color.rgb2ycbcr, which the official CMC code uses (dataset.py, RGB2YCbCr)."""
+    r, g, b = rgb.unbind(-3)
+    y = 16 + 65.481 * r + 128.553 * g + 24.966 * b
+    cb = 128 - 37.797 * r - 74.203 * g + 112.0 * b
+    cr = 128 + 112.0 * r - 93.786 * g - 18.214 * b
     return torch.stack([y, cb, cr], dim=-3)
 
 
 class ToColorSpace:
     """CMC (Sec. 4.1): tensor RGB in [0, 1] → normalised Lab or YCbCr, channels [L|ab] or [Y|CbCr]."""
 
-    # Per-channel mean/std that put each channel in roughly [−1, 1].
-    STATS = {"Lab": ((50.0, 0.0, 0.0), (50.0, 110.0, 110.0)),
-             "YCbCr": ((128.0, 128.0, 128.0), (128.0, 128.0, 128.0))}
+    # Per-channel mean/std of the official train_CMC.py (HobbitLong/CMC@7b227be l. 132–137). Lab: L
+    # from [0, 100] and a, b from their sRGB ranges [−86.183, 98.233] and [−107.857, 94.478] mapped
+    # onto [−1, 1]. YCbCr: as official (≈ the ImageNet mean in skimage's studio range; std ≈ 110).
+    STATS = {"Lab": ((50.0, 6.025, -6.6895), (50.0, 92.208, 101.1675)),
+             "YCbCr": ((116.151, 121.080, 132.342), (109.500, 111.855, 111.964))}
 
     def __init__(self, view: str = "Lab"):
         self.view = view

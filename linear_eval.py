@@ -2,8 +2,10 @@
 
 The protocol of MoCo (He et al. 2020, Sec. 4.1, after Zhang et al. 2016 / Wu et al. 2018): freeze
 the backbone with BN in eval mode, train one new linear layer on its pooled features with
-augmented images, report top-1/top-5 on the validation split. `--protocol simsiam` switches to
-SimSiam's (Chen & He 2021, App. A): LARS, lr 0.02 × batch/256, batch 4096, 90 epochs, cosine.
+augmented images, report top-1/top-5 on the validation split, of the last and of the best epoch
+(the official scripts keep the best). `--protocol simsiam` switches to SimSiam's (Chen & He 2021,
+App. A) as its official main_lincls.py runs it: LARS on every parameter, lr 0.1 × batch/256 (the
+paper says 0.02), batch 4096, 90 epochs, cosine.
 `--knn` trains nothing: a weighted kNN on L2-normalised features (Wu et al. 2018, Sec. 3.4).
 
 Checkpoints: any of ours (the method is read from the keys), official MoCo v1/v2
@@ -34,7 +36,9 @@ import common
 PROG = "linear_eval.py"
 PROTOCOLS = {  # defaults per protocol; explicit flags win
     "moco": dict(lr=30.0, batch_size=256, epochs=100, wd=0.0, optimizer="sgd", cos=False, schedule=[60, 80]),
-    "simsiam": dict(lr=0.02, batch_size=4096, epochs=90, wd=0.0, optimizer="lars", cos=True, schedule=[]),
+    # lr: the official main_lincls.py default (facebookresearch/simsiam@a7bc177 l. 53), not App. A's 0.02;
+    # the maintainers used 0.1 for the released models (simsiam issue #13)
+    "simsiam": dict(lr=0.1, batch_size=4096, epochs=90, wd=0.0, optimizer="lars", cos=True, schedule=[]),
 }
 # Key prefixes of a backbone in known checkpoint layouts; the first that holds `conv1.weight` wins.
 LAYOUTS = [("module.encoder_q.", "MoCo v1/v2 (ours or official)"),
@@ -238,6 +242,16 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
+def build_optimizer(classifier: nn.Linear, args) -> torch.optim.Optimizer:
+    """MoCo protocol: SGD. SimSiam protocol: LARS on every parameter, the bias included: the official
+    main_lincls.py wraps SGD in apex LARC (simsiam@a7bc177 l. 226–232), which adapts each parameter
+    whose weight and gradient norms are non-zero (apex LARC.py@2ec84eb l. 86–102); the bias starts
+    at 0, so its first step has trust 1 there as here. Weight decay 0 in both protocols."""
+    if args.optimizer == "lars":
+        return LARS(classifier.parameters(), args.init_lr, args.momentum, args.wd)
+    return torch.optim.SGD(classifier.parameters(), args.init_lr, momentum=args.momentum, weight_decay=args.wd)
+
+
 def adjust_learning_rate(optimizer, epoch: int, args):
     """Per epoch: cosine, or ×0.1 at each --schedule milestone."""
     if args.cos:
@@ -426,15 +440,14 @@ def main(argv=None):
     nn.init.normal_(classifier.weight, std=0.01)  # MoCo main_lincls: N(0, 0.01), bias 0
     nn.init.zeros_(classifier.bias)
     args.init_lr = args.lr * args.batch_size / 256 if args.protocol == "simsiam" else args.lr
-    if args.optimizer == "lars":
-        optimizer = LARS([{"params": [classifier.weight]}, {"params": [classifier.bias], "lars_exclude": True}],
-                         args.init_lr, args.momentum, args.wd)
-    else:
-        optimizer = torch.optim.SGD(classifier.parameters(), args.init_lr, momentum=args.momentum, weight_decay=args.wd)
+    optimizer = build_optimizer(classifier, args)
+    best = {"best_acc1": float("-inf"), "best_epoch": -1}  # official main_lincls.py: best top-1, in the checkpoint too
     if start_path:
         if is_main:
             print(f"=> loading checkpoint '{start_path}'", flush=True)
         args.start_epoch = load_checkpoint(start_path, classifier, optimizer, "linear")
+        saved = torch.load(start_path, map_location="cpu", weights_only=True)
+        best = {key: saved.get(key, value) for key, value in best.items()}
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
     if ddp:
@@ -442,7 +455,7 @@ def main(argv=None):
     train_loader = common.build_loader(train_set, per_process, args.workers, rank, world_size,
                                        train=True, seed=args.seed or 0)
 
-    metrics = {}
+    metrics = dict(best)
     for epoch in range(args.start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         seed_everything(args.seed, 1000 * (epoch + 1) + rank)
@@ -454,17 +467,21 @@ def main(argv=None):
         with torch.no_grad():  # the backbone is frozen, so the validation features were computed once
             acc1, acc5 = common.accuracy(classifier(val_feats), val_labels, topk=(1, 5))
         metrics.update(acc1=float(acc1), acc5=float(acc5))
+        if metrics["acc1"] > best["best_acc1"]:
+            best = {"best_acc1": metrics["acc1"], "best_epoch": epoch}
+        metrics.update(best)
         if is_main:
             print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}", flush=True)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             save_checkpoint({"method": "linear", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
                              "state_dict": {"module." + k: v for k, v in unwrap(classifier).state_dict().items()},
-                             "optimizer": optimizer.state_dict()}, args.output_dir)
+                             "optimizer": optimizer.state_dict(), **best}, args.output_dir)
     sanity_check(backbone, reference)
-    if is_main:
+    if is_main:  # `=> linear probe: Acc@1 <last>` is parsed by other code: keep its start
         print(f"=> linear probe: Acc@1 {metrics.get('acc1', float('nan')):.2f} "
-              f"Acc@5 {metrics.get('acc5', float('nan')):.2f} (backbone unchanged: sanity check passed)", flush=True)
+              f"Acc@5 {metrics.get('acc5', float('nan')):.2f} (last epoch); best Acc@1 {best['best_acc1']:.2f} "
+              f"(epoch {best['best_epoch']}) (backbone unchanged: sanity check passed)", flush=True)
     if ddp:
         dist.destroy_process_group()
     return metrics

@@ -11,6 +11,8 @@ model from cheating through batch statistics. v2 adds an MLP head, blur and a co
     torchrun --nproc_per_node=4 moco.py --data /imagenet                                   # MoCo v1, 1 node
     torchrun --nproc_per_node=4 moco.py --data /imagenet --mlp --moco-t 0.2 --aug-plus --cos  # MoCo v2
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 moco.py --data /imagenet
+
+-b is the global batch; the official -b is per node, so its -b B on M nodes is -b M·B here.
 """
 import argparse
 import json

@@ -93,7 +93,9 @@ class SimCLR(nn.Module):
 
     def __init__(self, base_encoder, dim: int = 128):
         super().__init__()
-        self.encoder = base_encoder(num_classes=dim)
+        # γ = 0 in the last BN of every residual block, so each block starts as the identity: the
+        # official resnet.py (google-research/simclr@383d414, l. 395 and 480: init_zero=True)
+        self.encoder = base_encoder(num_classes=dim, zero_init_residual=True)
         hidden = self.encoder.fc.in_features
         self.encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), self.encoder.fc)
 
@@ -106,9 +108,9 @@ class SimCLR(nn.Module):
 class GatherLayer(torch.autograd.Function):
     """All-gather that keeps the gradient. Forward: every rank gets the W·n×d rows of all ranks.
     Backward: every rank's loss has a gradient for every rank's rows (as candidates); the all-reduce
-    sum hands rank r the sum over all losses for its own rows. With each rank's loss the mean over
-    its own anchors, rank r's embeddings then get W·∂L/∂z_r (L: the mean over all 2N anchors), and
-    DDP's 1/W gradient average makes the parameter gradient ∂L/∂θ, as one process holding the
+    sum hands rank r the sum over all losses for its own rows. With the global loss L the mean of the
+    ranks' losses (each a mean over the rank's own anchors), rank r's embeddings then get W·∂L/∂z_r,
+    and DDP's 1/W gradient average makes the parameter gradient ∂L/∂θ, as one process holding the
     global batch would compute it. Without the gradient, rank r would miss the other ranks' terms."""
 
     @staticmethod
@@ -132,9 +134,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float):
     """Eq. (1): ℓ(i,j) = −log exp(sim(z_i,z_j)/τ) / Σ_{k≠i} exp(sim(z_i,z_k)/τ), sim = cosine, over
-    the 2N views of the global batch; the 2N−2 views of other images are the negatives. The mean
-    over this rank's 2n anchors (Alg. 1 averages over all 2N; DDP averages the ranks' gradients).
-    Returns the loss and the 2n×2N logits with the positive's column, for the accuracy meters."""
+    the 2N views of the global batch; the 2N−2 views of other images are the negatives. Scale as the
+    official code, not Alg. 1 (which averages over the 2N anchors): loss_a + loss_b of objective.py
+    (google-research/simclr@383d414, add_contrastive_loss, l. 82–86), the mean over this rank's view-1
+    anchors plus the mean over its view-2 anchors, i.e. 2 × the mean over its 2n (DDP averages the
+    ranks' gradients). The scale matters: LARS cancels it only for the adapted weights, so biases and
+    BN parameters would move half as far. Returns the loss and the 2n×2N logits with the positive's
+    column, for the accuracy meters."""
     rank, _ = rank_and_world()
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)  # 2n×d, this rank's [view 1; view 2]
@@ -143,7 +149,7 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float):
     idx = torch.arange(2 * n, device=z.device)
     logits[idx, rank * 2 * n + idx] = float("-inf")  # k ≠ i in Eq. (1): an anchor is not its own candidate
     labels = rank * 2 * n + (idx + n) % (2 * n)  # the positive: the other view of the same image
-    return F.cross_entropy(logits, labels), logits, labels
+    return 2 * F.cross_entropy(logits, labels), logits, labels  # = mean(view-1 anchors) + mean(view-2 anchors)
 
 
 def build_transform(args) -> common.MultiView:
@@ -162,9 +168,13 @@ def build_transform(args) -> common.MultiView:
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with momentum. Parameters in a group with
-    `lars_exclude=True` (biases and BN, as in the official SimCLR and BYOL code) get plain SGD with
-    momentum and no weight decay. The arithmetic runs as _foreach ops over all parameters at once."""
+    """LARS (You et al. 2017, arXiv:1708.03888, Alg. 1) with the official SimCLR "classic" momentum:
+    each step's lr goes into the buffer, v ← m·v + lr·trust·(g + λw), w ← w − v (lars_optimizer.py,
+    google-research/simclr@383d414, l. 101–118, classic_momentum=True). At a constant lr it equals
+    b ← m·b + trust·(g + λw), w ← w − lr·b (the form of byol.py and linear_eval.py); while the lr
+    changes (warm-up, cosine) past steps keep their own lr instead of taking the current one.
+    Parameters in a group with `lars_exclude=True` (biases and BN, official
+    `exclude_from_weight_decay`) get trust 1 and no weight decay. _foreach ops over all parameters."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coefficient: float = 0.001):
@@ -192,8 +202,8 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(self.state[p]["momentum_buffer"])
             torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            torch._foreach_add_(bufs, grads, alpha=group["lr"])  # v ← m·v + lr·trust·(g + λw)
+            torch._foreach_sub_(params, bufs)  # w ← w − v
 
 
 def lars_param_groups(model: nn.Module) -> list:

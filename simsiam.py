@@ -11,6 +11,9 @@ logged std of the L2-normalised z watches. SGD with a cosine schedule, MoCo v2 a
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet                                # Sec. 3 baseline, 1 node
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet --fix-pred-lr                  # Table 1(c), official README
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 simsiam.py --data /imagenet
+
+-b is the global batch; the official -b is per node (lr scaled by it), so its -b B on M nodes is
+-b M·B --lr lr/M here.
 """
 import argparse
 import json

@@ -129,6 +129,20 @@ def test_projector_is_the_encoder_fc_and_predictor_has_the_same_shape():
         assert (linear2.in_features, linear2.out_features) == (4096, 256)
 
 
+def test_bottleneck_blocks_start_as_the_identity_in_online_and_target():
+    """Official haiku ResNet (BlockV1): γ = 0 in the last BN of each bottleneck block (ResNet-50+),
+    the basic blocks of ResNet-18/34 keep γ = 1; every other BN has γ = 1. The target starts equal."""
+    for arch, last, zero in (("resnet50", "bn3", True), ("resnet18", "bn2", False)):
+        model = byol.BYOL(byol.models.__dict__[arch], dim=8, hidden_dim=16)
+        for encoder in (model.encoder, model.target_encoder):
+            blocks = [block for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)
+                      for block in layer]
+            assert all(torch.all(getattr(block, last).weight == (0 if zero else 1)) for block in blocks)
+            others = [m.weight for name, m in encoder.named_modules()
+                      if isinstance(m, nn.BatchNorm2d) and not name.endswith(last)]
+            assert others and all(torch.all(w == 1) for w in others)
+
+
 # ------------------------------------------------------------------------------------------ loss
 def test_loss_is_0_for_the_same_direction_and_4_for_the_opposite():
     p = torch.randn(5, 8)

@@ -1,6 +1,8 @@
 """CMC: colour conversions, NCE and softmax losses, Z, cross-view banks, memory update, DDP banks,
 end to end, errors."""
 import os
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,15 +57,16 @@ LAB_REFERENCE = [
     ((0, 0, 255), (32.30, 79.19, -107.86)),
     ((128, 128, 128), (53.59, 0.00, 0.00)),
 ]
-# RGB → YCbCr, JPEG/JFIF full range (ITU-T T.871, BT.601 coefficients):
-# Y = .299R + .587G + .114B, Cb = 128 − .168736R − .331264G + .5B, Cr = 128 + .5R − .418688G − .081312B
+# RGB → YCbCr, BT.601 studio range as skimage.color.rgb2ycbcr (the official CMC conversion), with
+# R, G, B in [0, 1]: Y = 16 + 65.481R + 128.553G + 24.966B, Cb = 128 − 37.797R − 74.203G + 112B,
+# Cr = 128 + 112R − 93.786G − 18.214B; white (235, 128, 128), black (16, 128, 128)
 YCBCR_REFERENCE = [
-    ((255, 255, 255), (255.0, 128.0, 128.0)),
-    ((0, 0, 0), (0.0, 128.0, 128.0)),
-    ((255, 0, 0), (76.245, 84.972, 255.5)),
-    ((0, 255, 0), (149.685, 43.528, 21.234)),
-    ((0, 0, 255), (29.07, 255.5, 107.265)),
-    ((128, 128, 128), (128.0, 128.0, 128.0)),
+    ((255, 255, 255), (235.0, 128.0, 128.0)),
+    ((0, 0, 0), (16.0, 128.0, 128.0)),
+    ((255, 0, 0), (81.481, 90.203, 240.0)),
+    ((0, 255, 0), (144.553, 53.797, 34.214)),
+    ((0, 0, 255), (40.966, 240.0, 109.786)),
+    ((128, 128, 128), (125.93, 128.0, 128.0)),
 ]
 
 
@@ -79,14 +82,46 @@ def test_rgb_to_ycbcr_matches_reference_colours(rgb, ycbcr):
     torch.testing.assert_close(common.rgb_to_ycbcr(image)[:, 0, 0], torch.tensor(ycbcr), atol=0.5, rtol=0)
 
 
+def test_official_normalisation_maps_the_lab_gamut_onto_minus_1_to_1():
+    """train_CMC.py l. 132–137: Lab mean ((0+100)/2, (−86.183+98.233)/2, (−107.857+94.478)/2), std
+    ((100−0)/2, (86.183+98.233)/2, (107.857+94.478)/2), i.e. L, a, b from their sRGB ranges to
+    [−1, 1]: black and white are L −1 and +1, green and magenta a −1 and +1, blue and yellow b −1 and
+    +1. YCbCr: the official constants as they stand."""
+    mean, std = common.ToColorSpace.STATS["Lab"]
+    assert mean == pytest.approx(((0 + 100) / 2, (-86.183 + 98.233) / 2, (-107.857 + 94.478) / 2))
+    assert std == pytest.approx(((100 - 0) / 2, (86.183 + 98.233) / 2, (107.857 + 94.478) / 2))
+    assert common.ToColorSpace.STATS["YCbCr"] == ((116.151, 121.080, 132.342), (109.500, 111.855, 111.964))
+    to_lab = common.ToColorSpace("Lab")
+    colour = lambda rgb: to_lab(torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1))[:, 0, 0]  # noqa: E731
+    for rgb, channel, end in [((0, 0, 0), 0, -1), ((1, 1, 1), 0, 1), ((0, 1, 0), 1, -1), ((1, 0, 1), 1, 1),
+                              ((0, 0, 1), 2, -1), ((1, 1, 0), 2, 1)]:
+        assert float(colour(rgb)[channel]) == pytest.approx(end, abs=1e-3), (rgb, channel)
+
+
 def test_transform_puts_lightness_in_channel_0_and_colour_in_1_2():
-    """The model splits x[:, :1] / x[:, 1:]: a grey image has a, b = 0 (normalised) and only L varies."""
+    """The model splits x[:, :1] / x[:, 1:]: a grey image has a, b = 0, i.e. the constant −mean/std
+    after normalisation, and only L varies."""
     args = cmc.parse_args(["--data", "synthetic", "--image-size", "8"])
-    grey = common.ToColorSpace("Lab")(torch.full((3, 8, 8), 0.7))
-    assert grey[1:].abs().max() < 1e-3 and grey[0].abs().max() > 0.1
+    grey = common.ToColorSpace("Lab")(torch.stack([torch.full((3, 8, 8), 0.7), torch.full((3, 8, 8), 0.2)]))
+    (_, a_mean, b_mean), (_, a_std, b_std) = common.ToColorSpace.STATS["Lab"]
+    expected = torch.tensor([-a_mean / a_std, -b_mean / b_std]).view(1, 2, 1, 1).expand(2, 2, 8, 8)
+    torch.testing.assert_close(grey[:, 1:], expected, atol=1e-4, rtol=0)
+    assert (grey[0, 0] - grey[1, 0]).abs().min() > 0.1
     from PIL import Image
     x = cmc.build_transform(args)(Image.new("RGB", (16, 16), (200, 30, 30)))
     assert x.shape == (3, 8, 8)
+
+
+def test_imagenet_commands_crop_from_8_percent_as_the_official_script():
+    """train_CMC.py l. 95–97: with --dataset imagenet every ResNet crops from 8 % of the area; its
+    default (ours too) is 20 %. Every ImageNet command in the docstring and the README says 0.08."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [line for line in (cmc.__doc__ + readme).splitlines() if "cmc.py --data /imagenet" in line]
+    assert len(lines) == 6
+    for line in lines:
+        args = cmc.parse_args(shlex.split(line.split("cmc.py", 1)[1].split("#")[0]))
+        assert args.crop_min == 0.08, line
+    assert cmc.parse_args(["--data", "synthetic"]).crop_min == 0.2
 
 
 # --------------------------------------------------------------------------------------- losses

@@ -1,4 +1,6 @@
-"""linear_eval.py: kNN, frozen backbone + sanity check, checkpoint layouts, export, errors."""
+"""linear_eval.py: kNN, frozen backbone + sanity check, protocols, best/last top-1, checkpoint layouts,
+export, errors."""
+import json
 import math
 
 import pytest
@@ -88,15 +90,55 @@ def test_knn_and_probe_from_the_command_line(moco_checkpoint, tmp_path):
     assert "sanity check passed" in proc.stdout and proc.stdout.count(" * Acc@1") == 1
 
 
-def test_simsiam_protocol_uses_lars_and_scaled_lr(moco_checkpoint, tmp_path):
+def test_simsiam_protocol_is_the_official_main_lincls(moco_checkpoint, tmp_path):
+    """facebookresearch/simsiam main_lincls.py: lr 0.1 × batch/256 (App. A says 0.02; issue #13: the
+    released models used 0.1), batch 4096, 90 epochs, cosine, wd 0, LARS (apex LARC) on both parameters."""
     args = linear_eval.parse_args(["--data", "synthetic", "--protocol", "simsiam"])
-    assert (args.lr, args.batch_size, args.epochs, args.optimizer, args.cos) == (0.02, 4096, 90, "lars", True)
+    assert (args.lr, args.batch_size, args.epochs, args.wd, args.optimizer, args.cos) == (0.1, 4096, 90, 0.0, "lars", True)
     args = linear_eval.parse_args(["--data", "synthetic", "--protocol", "simsiam", "--epochs", "3"])
     assert args.epochs == 3  # explicit flags win
     linear_eval.main(DATA + ["--pretrained", str(moco_checkpoint), "--protocol", "simsiam", "--epochs", "1",
                              "--output-dir", str(tmp_path)])
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["args"]["init_lr"] == pytest.approx(0.02 * 20 / 256)
+    assert ckpt["args"]["init_lr"] == pytest.approx(0.1 * 20 / 256)
+
+
+def test_simsiam_protocol_adapts_the_bias_too_as_apex_larc():
+    """LARC adapts every parameter whose weight and gradient norms are non-zero: the bias (0 at the
+    start) takes a plain momentum-SGD step first, then η‖b‖/‖g‖-scaled ones like the weight."""
+    classifier = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.tensor([[0.3, -0.4], [0.0, 0.5]]))
+        classifier.bias.zero_()
+    args = linear_eval.parse_args(["--data", "synthetic", "--protocol", "simsiam"])
+    args.init_lr = 0.5
+    optimizer = linear_eval.build_optimizer(classifier, args)
+    assert len(optimizer.param_groups) == 1 and not optimizer.param_groups[0]["lars_exclude"]
+    b, v_b, eta, m = torch.zeros(2), torch.zeros(2), 0.001, 0.9
+    for g_b in (torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.5])):
+        classifier.weight.grad, classifier.bias.grad = torch.ones(2, 2), g_b.clone()
+        optimizer.step()
+        trust = eta * b.norm() / g_b.norm() if b.norm() > 0 else 1.0
+        v_b = m * v_b + trust * g_b
+        b = b - 0.5 * v_b
+        torch.testing.assert_close(classifier.bias.detach(), b)
+    assert b.abs().max() > 0.5  # the first step was not scaled by η
+
+
+def test_probe_reports_last_and_best_epoch_and_keeps_best_over_resume(tmp_path, capsys):
+    """The official main_lincls.py keeps the best epoch's top-1 (and saves it); we print and return
+    it beside the last one, which stays `acc1` and starts the final line."""
+    probe = DATA + ["-a", "resnet18", "--lr", "0.1", "--output-dir", str(tmp_path)]  # here: 10, 15, 10, 10 %
+    linear_eval.main(probe + ["--epochs", "3"])
+    metrics = linear_eval.main(probe + ["--epochs", "4", "--resume", "auto"])
+    log = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    accs = [entry["acc1"] for entry in log]
+    assert len(accs) == 4 and metrics["acc1"] == accs[-1]
+    assert metrics["best_acc1"] == max(accs) and metrics["best_epoch"] == accs.index(max(accs))
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith(f"=> linear probe: Acc@1 {accs[-1]:.2f} Acc@5 ")
+    assert f"best Acc@1 {max(accs):.2f} (epoch {accs.index(max(accs))})" in last_line and "sanity check passed" in last_line
+    assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["best_acc1"] == max(accs)
 
 
 def test_random_init_baseline(tmp_path):

@@ -4,6 +4,8 @@ import argparse
 import json
 import math
 import os
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +22,10 @@ TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the mon
 
 
 def brute_force_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float):
-    """Eq. (1) and Alg. 1 written out: views [z1; z2], anchor i's positive is the other view of its
-    image, the denominator sums over every k ≠ i. Returns the mean loss over all 2N anchors and,
-    per anchor, whether the positive is the most similar candidate (acc@1 of the pretext task)."""
+    """Eq. (1) written out: views [z1; z2], anchor i's positive is the other view of its image, the
+    denominator sums over every k ≠ i. Returns the official objective.py scale, the mean over the
+    view-1 anchors plus the mean over the view-2 anchors (2 × Alg. 1's mean over all 2N), and, per
+    anchor, whether the positive is the most similar candidate (acc@1 of the pretext task)."""
     views = torch.cat([z1, z2])
     two_n = views.shape[0]
     losses, hits = [], []
@@ -32,7 +35,8 @@ def brute_force_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float):
         denominator = sum(torch.exp(sim[k] / tau) for k in range(two_n) if k != i)
         losses.append(-torch.log(torch.exp(sim[j] / tau) / denominator))
         hits.append(all(sim[j] > sim[k] for k in range(two_n) if k not in (i, j)))
-    return torch.stack(losses).mean(), torch.tensor(hits, dtype=torch.float32).mean() * 100
+    loss_a, loss_b = torch.stack(losses[:two_n // 2]).mean(), torch.stack(losses[two_n // 2:]).mean()
+    return loss_a + loss_b, torch.tensor(hits, dtype=torch.float32).mean() * 100
 
 
 # -------------------------------------------------------------------------------------- NT-Xent
@@ -52,6 +56,19 @@ def test_nt_xent_equals_a_brute_force_loop_over_anchors():
     torch.testing.assert_close(simclr.nt_xent_loss(z1, z2, 0.7)[0], brute_force_nt_xent(z1, z2, 0.7)[0])
 
 
+def test_nt_xent_has_the_official_scale_by_hand():
+    """objective.py returns loss_a + loss_b, twice Alg. 1's mean over the 2N anchors. Two images,
+    both views equal, the images orthogonal: every anchor sees its positive at cosine 1 and two
+    negatives at 0, so each direction's mean is log(1 + 2·e^(−1/τ)) and the loss twice that. Equal
+    views everywhere: chance, 2·log(2N − 1)."""
+    tau = 0.5
+    z = torch.tensor([[1.0, 0.0], [0.0, 3.0]])
+    loss = simclr.nt_xent_loss(z, z.clone(), tau)[0]
+    assert float(loss) == pytest.approx(2 * math.log(1 + 2 * math.exp(-1 / tau)), rel=1e-6)
+    same = torch.ones(4, 3)
+    assert float(simclr.nt_xent_loss(same, same, tau)[0]) == pytest.approx(2 * math.log(2 * 4 - 1), rel=1e-6)
+
+
 def test_gather_with_grad_is_the_identity_without_a_process_group():
     x = torch.randn(4, 3, requires_grad=True)
     assert simclr.gather_with_grad(x) is x
@@ -62,7 +79,7 @@ class TinyNet(nn.Module):
     """Stands in for a torchvision ResNet (num_classes sets the output, `fc` is the head). No BN:
     every sample's embedding depends on that sample only, so the global-batch reference is exact."""
 
-    def __init__(self, num_classes: int = 6):
+    def __init__(self, num_classes: int = 6, zero_init_residual: bool = False):  # no residual blocks
         super().__init__()
         self.body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
         self.fc = nn.Linear(8, num_classes)
@@ -96,8 +113,8 @@ def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_p
     """Two gloo ranks each hold half of the global batch; the reference is the brute-force loss on
     the whole batch in this process.
 
-    Each rank's loss is the mean over its own anchors against all 2N candidates, so the global
-    loss L (mean over all 2N anchors) is the mean of the ranks' losses. DDP averages parameter
+    Each rank's loss is over its own anchors against all 2N candidates (mean per view, the two views
+    summed), so the global loss L (the same over all 2N anchors) is the mean of the ranks' losses. DDP averages parameter
     gradients over the W ranks (a factor 1/W), so to give ∂L/∂θ each rank's gradient w.r.t. its
     own embeddings must be W·∂L/∂z_rank: the sum over ranks of ∂loss_r/∂z_rank, which is what the
     backward all-reduce of the gather produces. A gather without gradient leaves only the rank's
@@ -123,26 +140,65 @@ def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_p
         torch.testing.assert_close(g1, p.grad)
 
 
+# ---------------------------------------------------------------------------------------- model
+def test_every_residual_block_starts_as_the_identity():
+    """Official resnet.py (init_zero=True): γ = 0 in the last BN of every residual block, basic
+    (ResNet-18/34) and bottleneck (ResNet-50+) alike; every other BN keeps γ = 1."""
+    for arch, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
+        encoder = simclr.SimCLR(simclr.models.__dict__[arch], 16).encoder
+        blocks = [block for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4) for block in layer]
+        assert all(torch.all(getattr(block, last).weight == 0) for block in blocks)
+        others = [m.weight for name, m in encoder.named_modules()
+                  if isinstance(m, nn.BatchNorm2d) and not name.endswith(last)]
+        assert others and all(torch.all(w == 1) for w in others)
+
+
 # ----------------------------------------------------------------------------------------- LARS
-def test_lars_step_is_the_trust_ratio_formula_and_excluded_params_get_sgd():
-    torch.manual_seed(0)
-    w, b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(4))
-    lr, wd, eta, m = 0.5, 0.1, 0.01, 0.9
-    optimizer = simclr.LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
-                            lr, momentum=m, weight_decay=wd, trust_coefficient=eta)
-    w_ref, b_ref = w.detach().clone(), b.detach().clone()
-    v_w, v_b = torch.zeros_like(w_ref), torch.zeros_like(b_ref)
-    for _ in range(2):  # the second step checks the momentum buffers
-        gw, gb = torch.randn(3, 4), torch.randn(4)
-        w.grad, b.grad = gw.clone(), gb.clone()
+def lars_by_hand(lrs, classic: bool, wd=0.1, eta=0.01, m=0.9):
+    """Three LARS steps written out for one adapted weight w and one excluded bias b, gradients fixed
+    per step. classic: the official SimCLR lars_optimizer.py, v ← m·v + lr·trust·(g + λw), w ← w − v.
+    Otherwise (byol.py, linear_eval.py; optax in the official BYOL): v ← m·v + trust·(g + λw),
+    w ← w − lr·v. Trust η‖w‖/‖g + λw‖ (You et al. Alg. 1); the bias gets trust 1 and no decay."""
+    w, b = torch.tensor([[3.0, 0.0], [0.0, 4.0]]), torch.tensor([1.0, -2.0])
+    v_w, v_b = torch.zeros(2, 2), torch.zeros(2)
+    for step, lr in enumerate(lrs):
+        g_w, g_b = lars_gradients(step)
+        d = g_w + wd * w
+        u_w = eta * w.norm() / d.norm() * d
+        if classic:
+            v_w, v_b = m * v_w + lr * u_w, m * v_b + lr * g_b
+            w, b = w - v_w, b - v_b
+        else:
+            v_w, v_b = m * v_w + u_w, m * v_b + g_b
+            w, b = w - lr * v_w, b - lr * v_b
+    return w, b
+
+
+def lars_gradients(step: int):
+    return torch.tensor([[1.0, -2.0], [0.5, 3.0]]) * (step + 1), torch.tensor([0.5, 0.25]) / (step + 1)
+
+
+@pytest.mark.parametrize("optimizer_class, classic", [(simclr.LARS, True), (linear_eval.LARS, False)])
+def test_lars_trajectory_with_a_changing_lr_by_hand(optimizer_class, classic):
+    """simclr.py's LARS folds each step's lr into the momentum buffer as the official SimCLR code;
+    byol.py's and linear_eval.py's (the same class) multiply the buffer by the current lr, as the
+    official BYOL optax code. Same steps at a constant lr, different ones while the lr changes."""
+    lrs = [0.1, 0.2, 0.3]
+    w, b = nn.Parameter(torch.tensor([[3.0, 0.0], [0.0, 4.0]])), nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = optimizer_class([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}],
+                                lrs[0], momentum=0.9, weight_decay=0.1, trust_coefficient=0.01)
+    for step, lr in enumerate(lrs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        w.grad, b.grad = lars_gradients(step)
         optimizer.step()
-        g = gw + wd * w_ref  # You et al. Alg. 1: local lr η‖w‖/‖g + λw‖
-        v_w = m * v_w + eta * w_ref.norm() / g.norm() * g
-        w_ref = w_ref - lr * v_w
-        v_b = m * v_b + gb  # excluded: no weight decay, no trust ratio
-        b_ref = b_ref - lr * v_b
-        torch.testing.assert_close(w.detach(), w_ref)
-        torch.testing.assert_close(b.detach(), b_ref)
+    w_ref, b_ref = lars_by_hand(lrs, classic)
+    torch.testing.assert_close(w.detach(), w_ref)
+    torch.testing.assert_close(b.detach(), b_ref)
+    w_other, b_other = lars_by_hand(lrs, not classic)  # the other form is measurably elsewhere
+    assert (w_other - w_ref).abs().max() > 1e-4 and (b_other - b_ref).abs().max() > 1e-2
+    for got, want in zip(lars_by_hand([0.2] * 3, True), lars_by_hand([0.2] * 3, False)):
+        torch.testing.assert_close(got, want)  # at a constant lr both forms agree
 
 
 def test_lars_groups_exclude_every_bias_and_bn_parameter():
@@ -195,6 +251,16 @@ def test_augmentation_is_the_app_a_recipe():
     assert blur.p == 0.5 and blur.transforms[0].kernel_size == (23, 23) and blur.transforms[0].sigma == (0.1, 2.0)
     small = simclr.build_transform(simclr.parse_args(["--data", "synthetic"])).views[0].transforms
     assert small[4].transforms[0].kernel_size == (3, 3)  # 10 % of 32 px, odd
+
+
+def test_readme_cifar10_row_is_the_official_command():
+    """google-research/simclr README, CIFAR-10 on one GPU: batch 512, 1000 epochs, lr 1.0, weight decay
+    1e-4 (1e-6 only in the README of March 2020), τ 0.5, jitter strength 0.5, no blur."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| CIFAR-10 (App. B.9; official README command)"))
+    args = simclr.parse_args(shlex.split(row.split("`")[1]))
+    assert (args.data, args.arch, args.batch_size, args.epochs, args.lr, args.wd, args.temperature,
+            args.color_jitter_strength, args.blur_kernel) == ("cifar10", "resnet18", 512, 1000, 1.0, 1e-4, 0.5, 0.5, 0.0)
 
 
 # ---------------------------------------------------------------------------------- end to end
