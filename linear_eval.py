@@ -136,7 +136,7 @@ def stem_of(conv1_weight: torch.Tensor) -> str:
     return "cifar" if conv1_weight.shape[-1] == 3 else "imagenet"
 
 
-def load_backbone(path: str, arch: str, stem: str, is_main: bool):
+def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
     """Reads a checkpoint (tensors only), finds the backbone by its key prefix, drops the heads.
     Returns the backbone and the state it was loaded from (for the sanity check)."""
     try:
@@ -382,7 +382,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
 
     if args.pretrained:  # METHOD
-        backbone, reference = load_backbone(args.pretrained, args.arch, args.stem, is_main)
+        backbone, reference = load_backbone(args.pretrained, args.arch, is_main, args.stem)
     else:
         args.arch = args.arch or "resnet50"
         stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem

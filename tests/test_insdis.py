@@ -205,7 +205,7 @@ def test_one_process_run_checkpoint_and_resume(pretrained, tmp_path, capsys):
 
 
 def test_two_process_run_with_torchrun(tmp_path):
-    proc = run_script("insdis.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
+    proc = run_script("insdis.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, "--knn-every", "1", nproc=2)
     assert proc.returncode == 0, proc.stderr
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and float(ckpt["state_dict"]["module.Z"]) > 0

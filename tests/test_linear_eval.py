@@ -82,7 +82,7 @@ def test_probe_sanity_check_catches_a_moving_backbone(moco_checkpoint, tmp_path,
 def test_knn_and_probe_from_the_command_line(moco_checkpoint, tmp_path):
     proc = run_script("linear_eval.py", *DATA, "--pretrained", moco_checkpoint, "--knn")
     assert proc.returncode == 0, proc.stderr
-    assert "MoCo v1/v2 (ours or official), arch resnet18; used 120 keys (module.encoder_q.)" in proc.stdout
+    assert "MoCo v1/v2 (ours or official), arch resnet18, imagenet stem; used 120 keys (module.encoder_q.)" in proc.stdout
     assert "module.encoder_k.* (122)" in proc.stdout and "=> kNN (k=200, T=0.07): Acc@1" in proc.stdout
     proc = run_script("linear_eval.py", *DATA, "--pretrained", moco_checkpoint, "--epochs", "1",
                       "--output-dir", tmp_path, nproc=2)

@@ -110,12 +110,12 @@ def test_linear_eval_reads_the_stem_of_a_foreign_checkpoint_from_conv1(tmp_path,
     net = torchvision.models.resnet18()
     net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     torch.save(net.state_dict(), tmp_path / "plain.pth")
-    backbone, _ = linear_eval.load_backbone(str(tmp_path / "plain.pth"), "resnet18", "auto", True)
+    backbone, _ = linear_eval.load_backbone(str(tmp_path / "plain.pth"), "resnet18", True)
     assert backbone.stem == "cifar" and isinstance(backbone.encoder.maxpool, nn.Identity)
     with pytest.raises(SystemExit, match=r"has the cifar stem \(conv1 \(64, 3, 3, 3\)\), not --stem imagenet"):
-        linear_eval.load_backbone(str(tmp_path / "plain.pth"), "resnet18", "imagenet", True)
+        linear_eval.load_backbone(str(tmp_path / "plain.pth"), "resnet18", True, "imagenet")
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pth")
-    assert linear_eval.load_backbone(str(tmp_path / "tv.pth"), "resnet18", "auto", True)[0].stem == "imagenet"
+    assert linear_eval.load_backbone(str(tmp_path / "tv.pth"), "resnet18", True)[0].stem == "imagenet"
     assert linear_eval.Backbone("resnet18", "Lab", "cifar").encoder_l.conv1.weight.shape == (64, 1, 3, 3)
 
 
