@@ -65,6 +65,21 @@ def test_synthetic_class_is_not_predicted_by_colour():
     assert (pred == val.targets).float().mean() < 0.25  # chance is 0.10
 
 
+def test_synthetic_nuisances_are_only_those_the_augmentations_undo():
+    """No instance ID that no augmentation removes (see the SyntheticTextures docstring): no rotation
+    or illumination gradient (each row of a horizontal-stripe image is one grey level plus noise),
+    no per-image colour tint (R − B averages to 0), and the colour follows the pattern."""
+    d = common.SyntheticTextures(200)
+    x = d.images.float()  # N×H×W×3, 0–255
+    grey = x.mean(-1)
+    stripes = grey[d.targets == 0]
+    assert stripes.std(2).mean() < 12  # pixel noise alone: 0.04 × 255 ≈ 10; a ±12° rotation gave ≈ 50
+    red_minus_blue = x[..., 0] - x[..., 2]
+    assert red_minus_blue.mean((1, 2)).abs().max() < 3  # a tint of ±0.15 would give up to ±75
+    for g, rb in zip(grey, red_minus_blue):  # warm where light: a/b carries the texture (CMC)
+        assert torch.corrcoef(torch.stack([g.flatten(), rb.flatten()]))[0, 1] > 0.6
+
+
 def test_build_dataset_synthetic_sizes_and_index():
     train = common.build_dataset("synthetic:100", "train", None, return_index=True)
     val = common.build_dataset("synthetic:100", "val", None)
