@@ -422,10 +422,11 @@ def main(argv=None):
         try:
             metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
             if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                start = time.time()
                 metrics["knn_acc1"] = knn_monitor(model, knn_data, device, args)
                 if is_main:
                     print(f" * kNN Acc@1 {metrics['knn_acc1']:.2f} (epoch {epoch}, backbone, k={args.knn_k}, "
-                          f"T={args.knn_t})", flush=True)
+                          f"T={args.knn_t}, {time.time() - start:.1f} s)", flush=True)
         except common.DataError as err:
             fail(common.data_error_message(err))
         if is_main:
