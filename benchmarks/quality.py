@@ -86,7 +86,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.data, args.epochs, args.probe_epochs, args.workers, args.batch_size = "synthetic:256", 1, 1, 0, 32
-        args.seeds = args.seeds[:2]
+        args.seeds = args.seeds[:1]
     args.output_dir = os.path.abspath(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     started = time.time()
