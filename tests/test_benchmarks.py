@@ -35,3 +35,19 @@ def test_quality_smoke_scores_are_percentages(tmp_path):
         assert len(knns) == len(linears) == 1 and all(0 <= x <= 100 for x in knns + linears)
     assert (tmp_path / "moco" / "seed0" / "checkpoint.pth.tar").is_file()
     assert quality.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+
+
+def test_every_scripts_cpu_command_is_its_row_of_the_quality_table():
+    """The command in each script's docstring and in README is what benchmarks/quality.py runs."""
+    quality = load("quality")
+    readme = (ROOT / "README.md").read_text()
+    for method, flags in quality.METHODS.items():
+        module = importlib.import_module(method)
+        line = next(l for l in module.__doc__.splitlines() if l.strip().startswith(f"python {method}.py --data synthetic"))
+        command = line.split("#")[0].strip()
+        assert command in readme, method
+        args = module.parse_args(command.split()[2:])
+        assert command.endswith(" ".join(flags)), method
+        assert (args.data, args.arch, args.batch_size, args.epochs, args.stem, args.seed) == (
+            "synthetic:2500", "resnet18", 64, 2, "imagenet", 0)
+        assert args.knn_every == 1  # the monitor is on: the table's kNN column is its last number
