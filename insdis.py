@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("-p", "--print-freq", type=int, default=10)
     group.add_argument("--knn-every", type=int, default=None,
                        help="kNN monitor every N epochs, 0 = off (default: 1 for synthetic, CIFAR and STL-10, 0 for "
-                            "image folders: it embeds the train and val splits once, forward only)")
+                            "image folders: each time it embeds the train and val splits, forward only)")
     group.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours that vote")
     group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
@@ -200,9 +200,9 @@ def rank_and_world() -> tuple:
 
 
 def resnet(arch: str, stem: str, **kwargs) -> nn.Module:
-    """A torchvision ResNet. The "cifar" stem (3×3 stride-1 conv1, no max-pool) is what every reference
-    trains at 32 px with (official SimCLR `cifar_stem`, MoCo's CIFAR demo, lemniscate's resnet_cifar):
-    torchvision's 7×7 stride-2 conv and max-pool would leave layer4 a 1×1 map."""
+    """A torchvision ResNet. The "cifar" stem (3×3 stride-1 conv1, no max-pool; SimCLR App. B.9, the
+    official `cifar_stem`) is what every reference trains at 32 px with (MoCo's CIFAR demo, lemniscate's
+    resnet_cifar too): torchvision's 7×7 stride-2 conv and max-pool would leave layer4 a 1×1 map."""
     net = models.__dict__[arch](**kwargs)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
