@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem
     if args.knn_every is None:
         args.knn_every = int(args.data.split(":")[0] in ("synthetic", "cifar10", "cifar100", "stl10"))
+    if args.knn_every < 0 or args.knn_k < 1 or args.knn_t <= 0:  # SCAFFOLD
+        parser.error(f"the kNN monitor needs --knn-every >= 0, --knn-k >= 1 and --knn-t > 0 (got "
+                     f"{args.knn_every}, {args.knn_k}, {args.knn_t})")
     return args
 
 

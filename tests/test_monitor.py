@@ -145,3 +145,14 @@ def test_knn_accuracy_votes_by_weighted_neighbours():
 
     acc1, acc5 = common.knn_accuracy(nn.Identity(), Loader(batches), Loader(val), torch.device("cpu"), k=2, T=0.1)
     assert float(acc1) == pytest.approx(200 / 3) and float(acc5) == 100.0  # the third is voted class 0
+
+
+@each_script
+@pytest.mark.parametrize("flag, value", [("--knn-every", "-1"), ("--knn-k", "0"), ("--knn-t", "0")])
+def test_bad_monitor_flags_are_one_line_errors(name, flag, value, capsys):
+    with pytest.raises(SystemExit) as err:
+        MODULES[name].parse_args(["--data", "synthetic", flag, value])
+    assert err.value.code == 2
+    assert "error: the kNN monitor needs --knn-every >= 0, --knn-k >= 1 and --knn-t > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --stem takes only its three choices
+        MODULES[name].parse_args(["--data", "synthetic", "--stem", "tiny"])
