@@ -392,7 +392,7 @@ def main(argv=None):
     if len(dataset) < args.batch_size:
         fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
     loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
-                                 world_size, train=True, seed=args.seed or 0)
+                                 world_size, train=True, seed=args.seed)
     knn_data = knn_loaders(args, rank, world_size) if args.knn_every else None
 
     if is_main:

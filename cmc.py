@@ -375,7 +375,7 @@ def main(argv=None):
     if args.nce_k >= len(dataset):  # METHOD: the K noise rows are drawn from a bank of one row per image
         fail(f"--nce-k {args.nce_k} must be smaller than the memory bank ({len(dataset)} images in '{args.data}')")
     loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
-                                 world_size, train=True, seed=args.seed or 0)
+                                 world_size, train=True, seed=args.seed)
     knn_data = knn_loaders(args, rank, world_size, common.ToColorSpace(args.view)) if args.knn_every else None
 
     if is_main:

@@ -353,14 +353,43 @@ def build_dataset(data: str, split: str, transform, data_root: str = "./data",
     return WithIndex(dataset) if return_index else dataset
 
 
+class SeededViews(torch.utils.data.Dataset):
+    """Every training sample's augmentation is a pure function of (seed, epoch, index): torch's CPU
+    generator and `random` are seeded from them around each `dataset[index]` and then restored. The
+    views then no longer depend on which worker drew the sample or where a loader was restarted, so
+    `--workers 0` and `--workers 2` train identically, a run resumed mid-epoch sees the same views,
+    and loading draws nothing from the training process's RNG. The epoch is the sampler's."""
+
+    def __init__(self, dataset, sampler, seed: int):
+        self.dataset, self.sampler, self.seed = dataset, sampler, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        seed = hash((self.seed, self.sampler.epoch, index)) % 2 ** 32  # torch's mt19937 reads 32 bits
+        with torch.random.fork_rng(devices=[]):  # CPU generator only: CUDA's is never touched
+            torch.default_generator.manual_seed(seed)
+            state = random.getstate()
+            random.seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(state)
+
+
 def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: int,
-                 train: bool = True, seed: int = 0):
+                 train: bool = True, seed=None):
     """DataLoader over this process's shard. One process is world size 1 of the same code path:
     call `loader.sampler.set_epoch(epoch)` every epoch to reshuffle. `batch_size` is per process.
+    A training loader's views are seeded per sample (`SeededViews`) from `seed` (--seed; without it
+    the process's random initial seed), its order from `seed or 0` (the same on every rank).
     An evaluation loader (train=False) draws its worker seeds from its own generator, so iterating
     it leaves the global RNG of the training stream untouched."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                  shuffle=train, seed=seed, drop_last=train)
+                                                  shuffle=train, seed=seed or 0, drop_last=train)
+    if train:
+        dataset = SeededViews(dataset, sampler, torch.initial_seed() if seed is None else seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                        num_workers=workers, pin_memory=torch.cuda.is_available(),
                                        drop_last=train, persistent_workers=False,

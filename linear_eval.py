@@ -453,7 +453,7 @@ def main(argv=None):
     if ddp:
         classifier = nn.parallel.DistributedDataParallel(classifier, device_ids=[local_rank] if device.type == "cuda" else None)
     train_loader = common.build_loader(train_set, per_process, args.workers, rank, world_size,
-                                       train=True, seed=args.seed or 0)
+                                       train=True, seed=args.seed)
 
     metrics = dict(best)
     for epoch in range(args.start_epoch, args.epochs):

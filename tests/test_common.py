@@ -1,4 +1,6 @@
 """common.py: meters, augmentation ops, the synthetic dataset, --data and the loader."""
+import random
+
 import pytest
 import torch
 import torchvision.transforms as transforms
@@ -122,3 +124,35 @@ def test_loader_shards_disjointly_and_reshuffles_per_epoch():
     assert len(seen[0]) == len(seen[1]) == 50 and not set(seen[0].tolist()) & set(seen[1].tolist())
     shards[0].sampler.set_epoch(1)
     assert not torch.equal(torch.cat([index for _, _, index in shards[0]]), seen[0])
+
+
+def _views_loader(workers: int, seed=3):
+    t = transforms.Compose([transforms.RandomResizedCrop(16), transforms.ColorJitter(0.4, 0.4, 0.4, 0.1),
+                            common.GaussianBlur(), transforms.ToTensor()])  # torch's RNG and `random`
+    dataset = common.build_dataset("synthetic:48", "pretrain", common.MultiView([t, t]))
+    return common.build_loader(dataset, 8, workers, 0, 1, train=True, seed=seed)
+
+
+def test_training_views_are_a_function_of_seed_epoch_and_index_only():
+    loader = _views_loader(workers=0)
+    seeded = loader.dataset
+    before = torch.get_rng_state()
+    first = seeded[5][0]
+    assert torch.equal(torch.get_rng_state(), before)  # the training process's stream is not drawn from
+    torch.rand(7), random.random()  # whatever else happens in between
+    assert all(torch.equal(a, b) for a, b in zip(first, seeded[5][0]))
+    assert not torch.equal(first[0], first[1])  # the two views still differ
+    loader.sampler.set_epoch(1)
+    assert not torch.equal(first[0], seeded[5][0][0])  # a new epoch, new views
+    assert not torch.equal(first[0], _views_loader(workers=0, seed=4).dataset[5][0][0])
+
+
+def test_two_workers_load_the_same_batches_as_the_main_process():
+    batches = []
+    for workers in (0, 2):
+        loader = _views_loader(workers)
+        loader.sampler.set_epoch(1)
+        torch.manual_seed(0)  # the loader's one draw, its worker base seed, comes from the training stream
+        batches.append([views for views, _ in loader])
+    for (a1, a2), (b1, b2) in zip(*batches):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)

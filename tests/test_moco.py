@@ -246,6 +246,18 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
 
 
+
+def test_two_loader_workers_train_exactly_as_the_main_process(tmp_path):
+    """Views are seeded per sample (common.SeededViews), so who loads a sample cannot change the run."""
+    runs = []
+    for workers in ("0", "2"):
+        argv = TINY + ["--seed", "0", "--epochs", "1", "--bn-splits", "2"]
+        argv[argv.index("-j") + 1] = workers
+        moco.main(argv + ["--output-dir", str(tmp_path / workers)])
+        runs.append(torch.load(tmp_path / workers / "checkpoint.pth.tar", weights_only=True)["state_dict"])
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
 # -------------------------------------------------------------------------------------- errors
 def make_image_folder(root, n_per_class=4):
     from PIL import Image
