@@ -9,9 +9,9 @@ paper says 0.02), batch 4096, 90 epochs, cosine.
 `--knn` trains nothing: a weighted kNN on L2-normalised features (Wu et al. 2018, Sec. 3.4).
 
 Checkpoints: any of ours (the method is read from the keys), official MoCo v1/v2
-(`module.encoder_q.`), SimSiam (`module.encoder.`), MoCo v3 (`module.base_encoder.`), or a plain
-torchvision ResNet state_dict. Without --pretrained the backbone is randomly initialised: the
-baseline every pre-training must beat.
+(`module.encoder_q.`), SimSiam (`module.encoder.`), MoCo v3 (`module.base_encoder.`), solo-learn and
+lightly (`backbone.`, lightly's nn.Sequential `backbone.0.`…), or a plain torchvision ResNet state_dict.
+Without --pretrained the backbone is randomly initialised: the baseline every pre-training must beat.
 
     python linear_eval.py --data synthetic -a resnet18 --pretrained runs/moco/checkpoint.pth.tar --epochs 10 -b 256
     torchrun --nproc_per_node=4 linear_eval.py --data /imagenet --pretrained checkpoint.pth.tar
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 
 import torch
@@ -44,7 +45,19 @@ PROTOCOLS = {  # defaults per protocol; explicit flags win
 LAYOUTS = [("module.encoder_q.", "MoCo v1/v2 (ours or official)"),
            ("module.base_encoder.", "MoCo v3 ResNet (official)"),
            ("module.encoder.", "SimSiam (ours or official), SimCLR, BYOL, InsDis"),
+           # Lightning `state_dict`s of a module whose torchvision ResNet is `self.backbone`: solo-learn
+           # (vturrisi/solo-learn solo/methods/base.py@9f60a1b l. 193-203; its main_linear.py l. 74-84 reads it
+           # back the same way) and lightly's benchmarks (lightly-ai/lightly
+           # benchmarks/imagenet/resnet50/simclr.py@c792812 l. 27-29; lightly issue #1475)
+           ("backbone.", "solo-learn or lightly benchmarks (Lightning)"),
+           # solo-learn called it `encoder` until Dec 2021 (main_linear.py@9f60a1b l. 76-80 still renames it)
+           ("encoder.", "solo-learn before 2022"),
            ("", "torchvision ResNet state_dict")]
+# lightly's examples keep `backbone = nn.Sequential(*list(resnet.children())[:-1])` (lightly-ai/lightly
+# examples/pytorch/simclr.py@f5a9f19 l. 29-31): torchvision's children by index; 2 (relu), 3 (max-pool)
+# and 8 (avg-pool) hold no tensors
+LIGHTLY_SEQUENTIAL = [("backbone.0.", "conv1."), ("backbone.1.", "bn1."), ("backbone.4.", "layer1."),
+                      ("backbone.5.", "layer2."), ("backbone.6.", "layer3."), ("backbone.7.", "layer4.")]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -144,7 +157,10 @@ def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
     except FileNotFoundError:
         fail(f"--pretrained: no checkpoint at '{path}'")
     except Exception as err:  # pickled code, or not a torch file
-        fail(f"cannot read '{path}' as a tensors-only checkpoint: {str(err).strip().splitlines()[0]}")
+        pickled = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", str(err))
+        fail(f"cannot read '{path}' as a tensors-only checkpoint: " + (
+            f"it pickles {pickled[1]} (code, not tensors); if you trust it, save what you need as tensors "
+            f"(e.g. its state_dict) and pass that" if pickled else str(err).strip().splitlines()[0]))
     if not isinstance(ckpt, dict):
         fail(f"'{path}' holds a {type(ckpt).__name__}, not a checkpoint dict")
     state = ckpt.get("state_dict", ckpt)
@@ -152,10 +168,14 @@ def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
     if "module.encoder_l.conv1.weight" in state:  # CMC: two encoders, one per view
         cmc_view = ckpt.get("args", {}).get("view", "Lab")
         layout, renames = f"CMC ({cmc_view})", [("module.encoder_l.", "encoder_l."), ("module.encoder_ab.", "encoder_ab.")]
+    elif "backbone.0.weight" in state and "backbone.4.0.conv1.weight" in state:
+        cmc_view, layout = "", "lightly examples (nn.Sequential of torchvision's children)"
+        renames = [(prefix, "encoder." + name) for prefix, name in LIGHTLY_SEQUENTIAL]
     else:
         found = [(prefix, name) for prefix, name in LAYOUTS if prefix + "conv1.weight" in state]
         if not found:
-            fail(f"'{path}' has no known backbone layout; first keys: {', '.join(list(state)[:4])}")
+            fail(f"'{path}' has no known backbone layout (no ResNet conv1.weight under a known prefix); "
+                 f"key prefixes found: {summarise(state)}")
         cmc_view, (prefix, layout) = "", found[0]
         renames = [(prefix, "encoder.")]
     used, backbone_state = set(), {}
@@ -169,6 +189,11 @@ def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
     if stem not in ("auto", stem_of(conv1)):
         fail(f"'{path}' has the {stem_of(conv1)} stem (conv1 {tuple(conv1.shape)}), not --stem {stem}")
     backbone = Backbone(arch, cmc_view, stem_of(conv1))
+    if layout.startswith("solo-learn") and stem_of(conv1) == "cifar":
+        # solo-learn's CIFAR conv1 pads by 2, not 1 (solo/methods/base.py@9f60a1b l. 200-202, main_linear.py l. 68):
+        # the same weights, other features. lightly's benchmarks under `backbone.` are ImageNet-stem only.
+        backbone.encoder.conv1.padding = (2, 2)
+        layout += ", conv1 padding 2"
     try:
         backbone.load_state_dict(backbone_state)
     except RuntimeError as err:
@@ -181,10 +206,12 @@ def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
 
 
 def summarise(keys) -> str:
-    """Ignored keys grouped by their first two name parts: 'module.encoder_k.* (320)'."""
+    """Keys grouped by the module that holds them: 'module.encoder_k.* (320)', 'projector.* (6)'."""
     groups = {}
     for key in keys:
-        group = ".".join(key.split(".")[:2]) + ".*" if key.count(".") >= 2 else key
+        parts = key.split(".")
+        depth = 2 if parts[0] == "module" else 1  # DDP's `module.` says nothing about the owner
+        group = ".".join(parts[:depth]) + ".*" if len(parts) > depth else key
         groups[group] = groups.get(group, 0) + 1
     return ", ".join(f"{g} ({n})" for g, n in groups.items()) or "none"
 
@@ -400,6 +427,8 @@ def main(argv=None):
                 " after setting conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity()")
             print(f"=> exported the backbone to '{args.export}': torchvision.models.{args.arch}() loads it "
                   f"with strict=False (only fc.* missing){load}", flush=True)
+            if backbone.encoder.conv1.padding == (2, 2):
+                print("   as solo-learn's CIFAR stem, with conv1 padding 2: nn.Conv2d(3, 64, 3, 1, 2, bias=False)", flush=True)
         return
     backbone.to(device).eval().requires_grad_(False)
 

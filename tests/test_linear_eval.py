@@ -197,7 +197,7 @@ def test_pickled_objects_unknown_layouts_and_wrong_arch_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="cannot read .* as a tensors-only checkpoint"):
         linear_eval.load_backbone(str(tmp_path / "pickled.pth"), "resnet18", True)
     torch.save({"state_dict": {"backbone.stem.weight": torch.zeros(1)}}, tmp_path / "unknown.pth")
-    with pytest.raises(SystemExit, match="has no known backbone layout; first keys: backbone.stem.weight"):
+    with pytest.raises(SystemExit, match=r"has no known backbone layout .*; key prefixes found: backbone\.\* \(1\)"):
         linear_eval.load_backbone(str(tmp_path / "unknown.pth"), "resnet18", True)
     torch.save(resnet18_state(), tmp_path / "r18.pth")
     with pytest.raises(SystemExit, match="does not fit -a resnet34"):
