@@ -12,15 +12,19 @@ Checkpoints: any of ours (the method is read from the keys), official MoCo v1/v2
 (`module.encoder_q.`), SimSiam (`module.encoder.`), MoCo v3 (`module.base_encoder.`), solo-learn and
 lightly (`backbone.`, lightly's nn.Sequential `backbone.0.`…), or a plain torchvision ResNet state_dict.
 Without --pretrained the backbone is randomly initialised: the baseline every pre-training must beat.
+`--export` writes the backbone for torchvision (timm's ResNets use the same names) or, with
+`--export-format detectron2`, for detectron2.
 
     python linear_eval.py --data synthetic -a resnet18 --pretrained runs/moco/checkpoint.pth.tar --epochs 10 -b 256
     torchrun --nproc_per_node=4 linear_eval.py --data /imagenet --pretrained checkpoint.pth.tar
     torchrun --nproc_per_node=4 linear_eval.py --data /imagenet --pretrained simsiam.pth.tar --protocol simsiam
+    python linear_eval.py --data synthetic --pretrained checkpoint.pth.tar --export r50.pkl --export-format detectron2
 """
 import argparse
 import json
 import math
 import os
+import pickle
 import random
 import re
 import time
@@ -58,6 +62,7 @@ LAYOUTS = [("module.encoder_q.", "MoCo v1/v2 (ours or official)"),
 # and 8 (avg-pool) hold no tensors
 LIGHTLY_SEQUENTIAL = [("backbone.0.", "conv1."), ("backbone.1.", "bn1."), ("backbone.4.", "layer1."),
                       ("backbone.5.", "layer2."), ("backbone.6.", "layer3."), ("backbone.7.", "layer4.")]
+EXPORT_FORMATS = ("torchvision", "detectron2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--knn-k", type=int, default=200)
     group.add_argument("--knn-t", type=float, default=0.07)
     group.add_argument("--export", default="", help="write the backbone as a torchvision state_dict here and exit")
+    group.add_argument("--export-format", choices=EXPORT_FORMATS, default="torchvision",
+                       help="torchvision: a state_dict (timm's ResNets use the same names); detectron2: a .pkl "
+                            "of numpy arrays in detectron2's ResNet names")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--protocol", choices=PROTOCOLS, default="moco", help="sets the defaults below")
     group.add_argument("--epochs", type=int)
@@ -103,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in PROTOCOLS[args.protocol].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.export_format == "detectron2" and not args.export.endswith(".pkl"):  # detection_checkpoint.py l. 71
+        parser.error("--export-format detectron2 needs --export PATH ending in .pkl: detectron2 reads a "
+                     "pickle only from a .pkl file")
     return args
 
 
@@ -214,6 +225,47 @@ def summarise(keys) -> str:
         group = ".".join(parts[:depth]) + ".*" if len(parts) > depth else key
         groups[group] = groups.get(group, 0) + 1
     return ", ".join(f"{g} ({n})" for g, n in groups.items()) or "none"
+
+
+def detectron2_name(key: str) -> str:
+    """A torchvision ResNet key in detectron2's ResNet names, the renaming of the official MoCo converter
+    (facebookresearch/moco detection/convert-pretrain-to-detectron2.py@7397dfe l. 21-35): conv1/bn1 are the
+    stem, layerN is res{N+1}, bnK the norm of convK, downsample.0/.1 the shortcut and its norm: the names of
+    detectron2's BasicStem, BasicBlock (R18/R34) and BottleneckBlock (modeling/backbone/resnet.py@8f22855
+    l. 330, 32, 100; stages named res2-res5 at l. 403).
+    'layer2.0.downsample.1.running_mean' -> 'res3.0.shortcut.norm.running_mean'."""
+    stage = re.match(r"layer(\d)\.", key)
+    key = f"res{int(stage[1]) + 1}.{key[len(stage[0]):]}" if stage else "stem." + key
+    key = re.sub(r"(^|\.)bn(\d)\.", r"\1conv\2.norm.", key)
+    return key.replace(".downsample.0.", ".shortcut.").replace(".downsample.1.", ".shortcut.norm.")
+
+
+def export_detectron2(backbone: Backbone, path: str, is_main: bool):
+    """Writes what detectron2's DetectionCheckpointer reads from a .pkl, as the MoCo converter does (l. 37-40
+    there): {"model": {name: numpy array}, "__author__", "matching_heuristics": True} (detectron2
+    checkpoint/detection_checkpoint.py@06f2892 l. 71-76, 116-124: the heuristics match our names to the model's
+    by suffix). Plain pickle, no torch objects."""
+    if backbone.stem != "imagenet":
+        fail("--export-format detectron2: the CIFAR stem (3×3 conv1, no max-pool) has no detectron2 equivalent")
+    if not is_main:
+        return
+    # numpy arrays as detectron2's model zoo files hold; numpy comes with torchvision (a requirement of it)
+    model = {detectron2_name(k.removeprefix("encoder.")): v.numpy() for k, v in backbone.state_dict().items()}
+    with open(path, "wb") as f:
+        pickle.dump({"model": model, "__author__": PROG, "matching_heuristics": True}, f)
+    depth, conv2 = int(re.search(r"\d+", backbone.arch)[0]), backbone.encoder.layer1[0].conv2
+    opts = [f"MODEL.WEIGHTS {path}", f"MODEL.RESNETS.DEPTH {depth}"]
+    if depth < 50:  # BasicBlock; detectron2 asserts RES2_OUT_CHANNELS 64 for R18/R34 (resnet.py l. 654-655)
+        opts.append("MODEL.RESNETS.RES2_OUT_CHANNELS 64")
+    else:  # torchvision strides the 3×3 conv, and ResNeXt/wide ResNets set the bottleneck width
+        opts.append("MODEL.RESNETS.STRIDE_IN_1X1 False")
+        if (conv2.groups, conv2.out_channels // conv2.groups) != (1, 64):
+            opts.append(f"MODEL.RESNETS.NUM_GROUPS {conv2.groups} "
+                        f"MODEL.RESNETS.WIDTH_PER_GROUP {conv2.out_channels // conv2.groups}")
+    mean, std = ([round(255 * c, 3) for c in v] for v in (common.IMAGENET_MEAN, common.IMAGENET_STD))
+    opts.append(f'INPUT.FORMAT RGB MODEL.PIXEL_MEAN "{mean}" MODEL.PIXEL_STD "{std}"')
+    print(f"=> exported the backbone to '{path}' in detectron2's names ({len(model)} arrays); its config "
+          f"needs: {' '.join(opts)}", flush=True)
 
 
 def sanity_check(backbone: nn.Module, reference: dict):
@@ -421,6 +473,8 @@ def main(argv=None):
     if args.export:
         if backbone.cmc_view:
             fail("--export writes one torchvision ResNet; a CMC checkpoint holds two encoders")
+        if args.export_format == "detectron2":
+            return export_detectron2(backbone, args.export, is_main)
         if is_main:
             torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export)
             load = "" if backbone.stem == "imagenet" else (

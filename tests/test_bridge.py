@@ -1,7 +1,11 @@
-"""linear_eval.py as a bridge between libraries: reading solo-learn and lightly checkpoints.
+"""linear_eval.py as a bridge between libraries: reading solo-learn and lightly checkpoints, and the
+detectron2 export (the renaming of facebookresearch/moco detection/convert-pretrain-to-detectron2.py).
 Each foreign layout is rebuilt here as its library lays it out, with random weights and BN statistics."""
 import argparse
 import copy
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -143,3 +147,85 @@ def test_an_unknown_foreign_layout_lists_its_key_prefixes(tmp_path):
     with pytest.raises(SystemExit, match=r"has no known backbone layout .*; key prefixes found: "
                                          r"backbone\.\* \(3\), projection_head\.\* \(1\)$"):
         linear_eval.load_backbone(str(tmp_path / "generator.ckpt"), "resnet18", True)
+
+
+# ------------------------------------------------------------------------------- detectron2
+# Hand-written from detectron2's ResNet (modeling/backbone/resnet.py@8f22855: BasicStem, BasicBlock,
+# BottleneckBlock, stages res2-res5) against torchvision's names: (ours, detectron2's, shape).
+DETECTRON2_TABLE = {
+    "resnet18": (120, [("conv1.weight", "stem.conv1.weight", (64, 3, 7, 7)),
+                       ("bn1.running_var", "stem.conv1.norm.running_var", (64,)),
+                       ("layer1.0.conv1.weight", "res2.0.conv1.weight", (64, 64, 3, 3)),
+                       ("layer1.1.bn2.bias", "res2.1.conv2.norm.bias", (64,)),
+                       ("layer2.0.downsample.0.weight", "res3.0.shortcut.weight", (128, 64, 1, 1)),
+                       ("layer2.0.downsample.1.running_mean", "res3.0.shortcut.norm.running_mean", (128,)),
+                       ("layer4.1.conv2.weight", "res5.1.conv2.weight", (512, 512, 3, 3))]),
+    "resnet50": (318, [("conv1.weight", "stem.conv1.weight", (64, 3, 7, 7)),
+                       ("bn1.weight", "stem.conv1.norm.weight", (64,)),
+                       ("layer1.0.conv3.weight", "res2.0.conv3.weight", (256, 64, 1, 1)),
+                       ("layer1.0.downsample.0.weight", "res2.0.shortcut.weight", (256, 64, 1, 1)),
+                       ("layer2.0.conv2.weight", "res3.0.conv2.weight", (128, 128, 3, 3)),  # stride here: STRIDE_IN_1X1 False
+                       ("layer3.5.bn2.num_batches_tracked", "res4.5.conv2.norm.num_batches_tracked", ()),
+                       ("layer4.2.bn3.running_var", "res5.2.conv3.norm.running_var", (2048,))]),
+}
+
+
+def torchvision_name(key: str) -> str:
+    """detectron2's name back to torchvision's, written independently of linear_eval.detectron2_name."""
+    parts = key.split(".")
+    if parts[0] == "stem":
+        parts = parts[1:]
+    else:
+        parts[0] = f"layer{int(parts[0][3:]) - 1}"
+    out = []
+    for part in parts:
+        if part == "norm":  # convK.norm -> bnK, shortcut.norm -> downsample.1
+            out[-1] = "downsample.1" if out[-1] == "downsample.0" else "bn" + out[-1][4:]
+        else:
+            out.append("downsample.0" if part == "shortcut" else part)
+    return ".".join(out)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_detectron2_export_names_shapes_and_round_trip(arch, tmp_path, capsys):
+    source = randomised(models.__dict__[arch]())
+    torch.save(source.state_dict(), tmp_path / "tv.pth")
+    linear_eval.main(["--data", "synthetic:100", "--pretrained", str(tmp_path / "tv.pth"), "-a", arch,
+                      "--output-dir", str(tmp_path), "--export", str(tmp_path / "d2.pkl"), "--export-format", "detectron2"])
+    out = capsys.readouterr().out
+    depth = arch[len("resnet"):]
+    assert f"MODEL.RESNETS.DEPTH {depth}" in out and "INPUT.FORMAT RGB" in out
+    assert 'MODEL.PIXEL_MEAN "[123.675, 116.28, 103.53]" MODEL.PIXEL_STD "[58.395, 57.12, 57.375]"' in out
+    assert ("RES2_OUT_CHANNELS 64" in out) == (arch == "resnet18") and ("STRIDE_IN_1X1 False" in out) == (arch == "resnet50")
+    # plain pickle in a fresh interpreter: it must not need torch (no torch objects inside)
+    check = ("import pickle, sys, numpy; d = pickle.load(open(sys.argv[1], 'rb')); "
+             "assert 'torch' not in sys.modules, 'unpickling imported torch'; "
+             "assert set(d) == {'model', '__author__', 'matching_heuristics'} and d['matching_heuristics'] is True; "
+             "assert isinstance(d['__author__'], str); "
+             "assert all(isinstance(k, str) and type(v) is numpy.ndarray for k, v in d['model'].items())")
+    proc = subprocess.run([sys.executable, "-c", check, str(tmp_path / "d2.pkl")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "d2.pkl", "rb") as f:
+        model = pickle.load(f)["model"]
+    count, table = DETECTRON2_TABLE[arch]
+    assert len(model) == count
+    for ours, theirs, shape in table:
+        assert model[theirs].shape == shape, theirs
+        assert torch.equal(torch.from_numpy(model[theirs]), source.state_dict()[ours]), theirs
+    back = {torchvision_name(k): torch.from_numpy(v) for k, v in model.items()}
+    expected = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    assert back.keys() == expected.keys()
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in expected.items())
+
+
+def test_detectron2_export_refuses_the_cifar_stem_and_a_path_it_would_not_read(tmp_path, capsys):
+    net = models.resnet18()
+    net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    torch.save(net.state_dict(), tmp_path / "cifar.pth")
+    with pytest.raises(SystemExit, match="the CIFAR stem .* has no detectron2 equivalent"):
+        linear_eval.main(["--data", "synthetic:100", "--pretrained", str(tmp_path / "cifar.pth"), "-a", "resnet18",
+                          "--output-dir", str(tmp_path), "--export", str(tmp_path / "d2.pkl"), "--export-format", "detectron2"])
+    assert not (tmp_path / "d2.pkl").exists()
+    with pytest.raises(SystemExit):  # detectron2 unpickles only a .pkl path (detection_checkpoint.py l. 71)
+        linear_eval.parse_args(["--data", "synthetic", "--export", "d2.pth", "--export-format", "detectron2"])
+    assert "needs --export PATH ending in .pkl" in capsys.readouterr().err
