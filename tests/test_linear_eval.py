@@ -213,3 +213,12 @@ def test_export_loads_into_torchvision_with_only_fc_missing(moco_checkpoint, tmp
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
     source = torch.load(moco_checkpoint, weights_only=True)["state_dict"]
     assert torch.equal(state["layer4.1.conv2.weight"], source["module.encoder_q.layer4.1.conv2.weight"])
+    # every tensor, BN statistics included, and the same features from the plain torchvision model
+    assert all(torch.equal(value, source["module.encoder_q." + key]) for key, value in state.items())
+    net = models.resnet18()
+    net.load_state_dict(state, strict=False)
+    net.fc = torch.nn.Identity()
+    backbone, _ = linear_eval.load_backbone(str(moco_checkpoint), "resnet18", is_main=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), backbone.eval()(x), rtol=0, atol=0)
