@@ -11,7 +11,8 @@ paper says 0.02), batch 4096, 90 epochs, cosine.
 Checkpoints: any of ours (the method is read from the keys), official MoCo v1/v2
 (`module.encoder_q.`), SimSiam (`module.encoder.`), MoCo v3 (`module.base_encoder.`), solo-learn and
 lightly (`backbone.`, lightly's nn.Sequential `backbone.0.`…), or a plain torchvision ResNet state_dict.
-Without --pretrained the backbone is randomly initialised: the baseline every pre-training must beat.
+Without --pretrained the backbone is randomly initialised, its BN statistics estimated on the training
+images (no weight changes): the baseline every pre-training must beat.
 `--export` writes the backbone for torchvision (timm's ResNets use the same names) or, with
 `--export-format detectron2`, for detectron2.
 
@@ -268,6 +269,31 @@ def export_detectron2(backbone: Backbone, path: str, is_main: bool):
           f"needs: {' '.join(opts)}", flush=True)
 
 
+@torch.no_grad()
+def estimate_bn_statistics(backbone: nn.Module, loader, device):
+    """The random floor's BN statistics: one pass over the training images (evaluation view) in train
+    mode, the exact average over all batches (momentum None), averaged over the ranks; no weight changes.
+    Every pre-trained backbone carries statistics of its data; with torch's initial mean 0 and variance 1
+    instead, the random floor is lower than random weights are (measured, ResNet-18 at 32 px on
+    synthetic:2500, kNN 59.6 % against 66.0 %), and a run that only updated its BN statistics would
+    seem to have learned."""
+    bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats(), setattr(bn, "momentum", None)
+    backbone.to(device).train()
+    try:
+        for images, _ in loader:
+            backbone(images.to(device, non_blocking=True))
+    except common.DataError as err:
+        fail(common.data_error_message(err))
+    for bn in bns:
+        bn.momentum = 0.1
+        if dist.is_initialized():
+            for buf in (bn.running_mean, bn.running_var):
+                dist.all_reduce(buf), buf.div_(dist.get_world_size())
+    backbone.eval()
+
+
 def sanity_check(backbone: nn.Module, reference: dict):
     """MoCo's main_lincls check: after training the probe the frozen backbone is bit-identical
     to the checkpoint (weights and BN statistics)."""
@@ -466,9 +492,10 @@ def main(argv=None):
         args.arch = args.arch or "resnet50"
         stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem
         if is_main:
-            print(f"=> creating model '{args.arch}' ({stem} stem) with random weights (no --pretrained)", flush=True)
+            print(f"=> creating model '{args.arch}' ({stem} stem) with random weights (no --pretrained); "
+                  f"BN statistics from the training images", flush=True)
         backbone = Backbone(args.arch, stem=stem)
-        reference = {k: v.clone() for k, v in backbone.state_dict().items()}
+        reference = None  # taken after the BN statistics are estimated, below
     args.arch, args.stem = backbone.arch, backbone.stem  # recorded in the probe's checkpoint
     if args.export:
         if backbone.cmc_view:
@@ -496,6 +523,11 @@ def main(argv=None):
         fail(f"'{args.data}' has {len(train_set)} training images, fewer than the global batch {args.batch_size}")
     num_classes = len(train_set.classes)
     per_process = args.batch_size // world_size
+    if reference is None:
+        plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view), args.data_root)
+        estimate_bn_statistics(backbone, common.build_loader(plain, per_process, args.workers, rank, world_size,
+                                                             train=False), device)
+        reference = {k: v.clone() for k, v in backbone.state_dict().items()}
     val_loader = common.build_loader(val_set, per_process, args.workers, rank, world_size, train=False)
     try:
         val_feats, val_labels = common.extract_features(backbone, val_loader, device, concat_all_gather)

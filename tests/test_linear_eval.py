@@ -141,9 +141,38 @@ def test_probe_reports_last_and_best_epoch_and_keeps_best_over_resume(tmp_path, 
     assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["best_acc1"] == max(accs)
 
 
-def test_random_init_baseline(tmp_path):
+def test_random_init_baseline_estimates_its_bn_statistics_on_the_training_images(tmp_path, monkeypatch):
+    seen = []
+    estimate = linear_eval.estimate_bn_statistics
+    monkeypatch.setattr(linear_eval, "estimate_bn_statistics", lambda *a: (seen.append(a[0]), estimate(*a)))
     metrics = linear_eval.main(DATA + ["-a", "resnet18", "--knn", "--output-dir", str(tmp_path)])
     assert 0.0 <= metrics["knn_acc1"] <= 100.0
+    assert len(seen) == 1 and seen[0].encoder.bn1.num_batches_tracked > 0  # the floor is calibrated
+    linear_eval.main(DATA + ["-a", "resnet18", "--pretrained", str(_random_checkpoint(tmp_path)), "--knn"])
+    assert len(seen) == 1  # a pre-trained backbone keeps the statistics it was trained with
+
+
+def _random_checkpoint(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(models.resnet18().state_dict(), path)
+    return path
+
+
+def test_bn_statistics_are_the_exact_mean_and_variance_of_the_images_and_weights_stay():
+    torch.manual_seed(0)
+    backbone = linear_eval.Backbone("resnet18", stem="imagenet")
+    weights = {k: v.clone() for k, v in backbone.state_dict().items() if "running" not in k and "tracked" not in k}
+    images = torch.randn(12, 3, 32, 32) * 2 + 1
+    loader = [(images[:6], None), (images[6:], None)]  # two equal batches
+    linear_eval.estimate_bn_statistics(backbone, loader, torch.device("cpu"))
+    bn1 = backbone.encoder.bn1
+    with torch.no_grad():
+        conv = [backbone.encoder.conv1(x) for x, _ in loader]
+    mean = torch.stack([c.mean((0, 2, 3)) for c in conv]).mean(0)
+    var = torch.stack([c.var((0, 2, 3), unbiased=True) for c in conv]).mean(0)  # torch's running_var is unbiased
+    assert torch.allclose(bn1.running_mean, mean, atol=1e-5) and torch.allclose(bn1.running_var, var, rtol=1e-4)
+    assert all(torch.equal(v, backbone.state_dict()[k]) for k, v in weights.items())
+    assert not backbone.training and bn1.momentum == 0.1
 
 
 # ---------------------------------------------------------------------------------- layouts

@@ -290,6 +290,13 @@ def test_one_process_run_checkpoint_and_resume(pretrained):
     assert log[1]["lr"] == pytest.approx(init_lr * 0.5 * (1 + math.cos(math.pi * 0.75)))
 
 
+def test_sqrt_lr_scaling_is_app_b1(tmp_path):
+    """App. B.1: lr = 0.075 × √batch, the official `learning_rate_scaling` sqrt (linear: above)."""
+    simclr.main(TINY + ["--epochs", "1", "--lr-scaling", "sqrt", "--lr", "0.075", "--output-dir", str(tmp_path)])
+    log = json.loads((tmp_path / "log.txt").read_text().splitlines()[0])
+    assert log["lr"] == pytest.approx(0.075 * math.sqrt(16) * 0.75)  # 3/4 into the warm-up, as above
+
+
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(pretrained, tmp_path):
     simclr.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path)])
     a = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
