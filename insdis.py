@@ -31,15 +31,18 @@ import torchvision.transforms as transforms
 import common
 
 PROG = "insdis.py"
+RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",  # -a: the torchvision
+           "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]  # builders of a ResNet
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description="InsDis pre-training (instance discrimination, memory bank)")
+    parser = argparse.ArgumentParser(prog=PROG, description="InsDis pre-training (instance discrimination, memory bank)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data")  # SCAFFOLD
     group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
     group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
     group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
-    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
     group = parser.add_argument_group("model")
     group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",  # SCAFFOLD
@@ -53,21 +56,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--softmax", action="store_true", help="(K+1)-way softmax cross-entropy instead of NCE")
     group.add_argument("--prox-lambda", type=float, default=0.0, help="proximal term λ (Eq. 10); 0 = off")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=200)
+    group.add_argument("--epochs", type=int, default=200, help="epochs to train in all")
     group.add_argument("-b", "--batch-size", type=int, default=256, help="global batch over all processes")
     group.add_argument("--lr", "--learning-rate", type=float, default=0.03, help="lr (not scaled by batch)")
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--wd", "--weight-decay", type=float, default=1e-4)
+    group.add_argument("--momentum", type=float, default=0.9, help="optimizer momentum")
+    group.add_argument("--wd", "--weight-decay", type=float, default=1e-4, help="weight decay")
     group.add_argument("--schedule", type=int, nargs="*", default=[120, 160], help="lr ×0.1 at these epochs")
     group = parser.add_argument_group("run")  # SCAFFOLD
-    group.add_argument("--output-dir", default="./runs/insdis")
+    group.add_argument("--output-dir", default="./runs/insdis", help="checkpoint.pth.tar and log.txt go here")
     group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
-    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--start-epoch", type=int, default=0, help="first epoch (--resume sets it)")
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
-    group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("-p", "--print-freq", type=int, default=10, help="a progress line every N steps")
     group.add_argument("--knn-every", type=int, default=None,
-                       help="kNN monitor every N epochs, 0 = off (default: 1 for synthetic, CIFAR and STL-10, 0 for "
-                            "image folders: each time it embeds the train and val splits, forward only)")
+                       help="kNN monitor every N epochs, 0 = off; None: 1 for synthetic, CIFAR and STL-10, 0 for "
+                            "image folders (each time it embeds the train and val splits, forward only)")
     group.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours that vote")
     group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
@@ -78,19 +81,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.data = args.data or args.data_pos
     if not args.data:
         parser.error("--data is required")
-    args.image_size = args.image_size or common.default_image_size(args.data)
+    args.image_size = common.default_image_size(args.data) if args.image_size is None else args.image_size
     args.stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem
     if args.knn_every is None:
         args.knn_every = int(args.data.split(":")[0] in ("synthetic", "cifar10", "cifar100", "stl10"))
     if args.knn_every < 0 or args.knn_k < 1 or args.knn_t <= 0:  # SCAFFOLD
         parser.error(f"the kNN monitor needs --knn-every >= 0, --knn-k >= 1 and --knn-t > 0 (got "
                      f"{args.knn_every}, {args.knn_k}, {args.knn_t})")
+    check_ranges(parser, args, [  # SCAFFOLD: ResNets run at any crop ≥ 1 px with either stem (measured)
+        ("-b/--batch-size", args.batch_size >= 1, ">= 1"),
+        ("--epochs", args.epochs >= 1, ">= 1"),
+        ("--start-epoch", args.start_epoch >= 0, ">= 0"),
+        ("--lr", args.lr > 0, "> 0"),
+        ("--momentum", 0 <= args.momentum <= 1, "in [0, 1]"),
+        ("--wd", args.wd >= 0, ">= 0"),
+        ("-j/--workers", args.workers >= 0, ">= 0"),
+        ("-p/--print-freq", args.print_freq >= 1, ">= 1"),
+        ("--image-size", args.image_size >= 1, ">= 1"),
+        ("-a/--arch", args.arch in RESNETS, "a torchvision ResNet: " + ", ".join(RESNETS)),
+    ])
+    check_ranges(parser, args, [  # METHOD
+        ("--nce-k", args.nce_k >= 1, ">= 1 and below the number of images"),
+        ("--nce-t", args.nce_t > 0, "> 0"),
+        ("--nce-m", 0 <= args.nce_m <= 1, "in [0, 1]"),
+        ("--feat-dim", args.feat_dim >= 1, ">= 1"),
+        ("--prox-lambda", args.prox_lambda >= 0, ">= 0"),
+    ])
     return args
 
 
 class GoneFlag(argparse.Action):  # SCAFFOLD
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+def check_ranges(parser, args, checks):  # SCAFFOLD
+    """(flag, ok, accepted range): the first flag out of its range is one argparse error line."""
+    for flag, ok, accepted in checks:
+        if not ok:  # the value: args.<the long flag's name>
+            parser.error(f"{flag} must be {accepted} (got {getattr(args, flag.split('--')[-1].replace('-', '_'))})")
 
 
 # ------------------------------------------------------------------------------------------ METHOD
@@ -337,6 +366,9 @@ def main(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
         fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    if args.batch_size // world_size < 2:  # BatchNorm in training mode needs two values per channel
+        fail(f"-b/--batch-size {args.batch_size} leaves {args.batch_size // world_size} image per process (world size {world_size}); "
+             "BatchNorm in training needs >= 2")
     start_path = resume_path(args)
 
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun

@@ -34,6 +34,8 @@ import torchvision.transforms as transforms
 import common
 
 PROG = "linear_eval.py"
+RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",  # -a: the torchvision
+           "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]  # builders of a ResNet
 PROTOCOLS = {  # defaults per protocol; explicit flags win
     "moco": dict(lr=30.0, batch_size=256, epochs=100, wd=0.0, optimizer="sgd", cos=False, schedule=[60, 80]),
     # lr: the official main_lincls.py default (facebookresearch/simsiam@a7bc177 l. 53), not App. A's 0.02;
@@ -48,54 +50,77 @@ LAYOUTS = [("module.encoder_q.", "MoCo v1/v2 (ours or official)"),
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description="linear probe / kNN of a frozen backbone")
+    parser = argparse.ArgumentParser(prog=PROG, description="linear probe / kNN of a frozen backbone",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data")  # SCAFFOLD
     group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
     group.add_argument("--data", help="image folder with train/ and val/, or synthetic[:N], cifar10, cifar100, stl10")
     group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
-    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
     group = parser.add_argument_group("model")
-    group.add_argument("-a", "--arch", default=None, help="torchvision ResNet (default: the checkpoint's, else resnet50)")
+    group.add_argument("-a", "--arch", default=None, help="torchvision ResNet; None: the checkpoint's (or the one its tensors fit), resnet50 without --pretrained")
     group.add_argument("--pretrained", default="", help="checkpoint to evaluate; none = random init")
     group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",
                        help="ResNet stem; auto: the checkpoint's (from conv1's kernel), or cifar (3×3 conv1, "
                             "no max-pool) for crops ≤ 32 px with random weights")
     group.add_argument("--knn", action="store_true", help="weighted kNN instead of a linear layer")
-    group.add_argument("--knn-k", type=int, default=200)
-    group.add_argument("--knn-t", type=float, default=0.07)
+    group.add_argument("--knn-k", type=int, default=200, help="kNN: neighbours that vote")
+    group.add_argument("--knn-t", type=float, default=0.07, help="kNN: vote temperature")
     group.add_argument("--export", default="", help="write the backbone as a torchvision state_dict here and exit")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--protocol", choices=PROTOCOLS, default="moco", help="sets the defaults below")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("-b", "--batch-size", type=int, help="global batch over all processes")
-    group.add_argument("--lr", "--learning-rate", type=float, help="lr (simsiam protocol: for batch 256, scaled)")
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--wd", "--weight-decay", type=float)
-    group.add_argument("--schedule", type=int, nargs="*", help="lr ×0.1 at these epochs")
-    group.add_argument("--cos", action="store_true", default=None, help="cosine lr schedule")
+    group.add_argument("--protocol", choices=PROTOCOLS, default="moco", help="sets the defaults of the flags below whose default is None")
+    group.add_argument("--epochs", type=int, help="epochs to train in all; None: 100 (moco), 90 (simsiam)")
+    group.add_argument("-b", "--batch-size", type=int, help="global batch over all processes; None: 256 (moco), 4096 (simsiam)")
+    group.add_argument("--lr", "--learning-rate", type=float,
+                       help="lr (simsiam protocol: for batch 256, scaled); None: 30 (moco), 0.1 (simsiam)")
+    group.add_argument("--momentum", type=float, default=0.9, help="optimizer momentum")
+    group.add_argument("--wd", "--weight-decay", type=float, help="weight decay; None: 0 in both protocols")
+    group.add_argument("--schedule", type=int, nargs="*", help="lr ×0.1 at these epochs; None: 60 80 (moco), none (simsiam)")
+    group.add_argument("--cos", action="store_true", default=None, help="cosine lr schedule; None: off (moco), on (simsiam)")
     group = parser.add_argument_group("run")  # SCAFFOLD
-    group.add_argument("--output-dir", default="./runs/linear")
+    group.add_argument("--output-dir", default="./runs/linear", help="checkpoint.pth.tar and log.txt go here")
     group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
-    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--start-epoch", type=int, default=0, help="first epoch (--resume sets it)")
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
-    group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("-p", "--print-freq", type=int, default=10, help="a progress line every N steps")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.data = args.data or args.data_pos
     if not args.data:
         parser.error("--data is required")
-    args.image_size = args.image_size or common.default_image_size(args.data)
+    args.image_size = common.default_image_size(args.data) if args.image_size is None else args.image_size
     for key, value in PROTOCOLS[args.protocol].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    check_ranges(parser, args, [  # ResNets run at any crop ≥ 1 px with either stem (measured)
+        ("-b/--batch-size", args.batch_size >= 1, ">= 1"),
+        ("--epochs", args.epochs >= 1, ">= 1"),
+        ("--start-epoch", args.start_epoch >= 0, ">= 0"),
+        ("--lr", args.lr > 0, "> 0"),
+        ("--momentum", 0 <= args.momentum <= 1, "in [0, 1]"),
+        ("--wd", args.wd >= 0, ">= 0"),
+        ("-j/--workers", args.workers >= 0, ">= 0"),
+        ("-p/--print-freq", args.print_freq >= 1, ">= 1"),
+        ("--image-size", args.image_size >= 1, ">= 1"),
+        ("-a/--arch", args.arch in (None, *RESNETS), "a torchvision ResNet: " + ", ".join(RESNETS)),
+        ("--knn-k", args.knn_k >= 1, ">= 1"),
+        ("--knn-t", args.knn_t > 0, "> 0"),
+    ])
     return args
 
 
 class GoneFlag(argparse.Action):  # SCAFFOLD
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+def check_ranges(parser, args, checks):  # SCAFFOLD
+    """(flag, ok, accepted range): the first flag out of its range is one argparse error line."""
+    for flag, ok, accepted in checks:
+        if not ok:  # the value: args.<the long flag's name>
+            parser.error(f"{flag} must be {accepted} (got {getattr(args, flag.split('--')[-1].replace('-', '_'))})")
 
 
 # ------------------------------------------------------------------------------------------ METHOD
@@ -119,8 +144,8 @@ class Backbone(nn.Module):
 
 def resnet(arch: str, in_channels: int, stem: str) -> nn.Module:
     """The training scripts' backbone: stem "cifar" = 3×3 stride-1 conv1 and no max-pool."""
-    if arch not in models.list_models(module=models) or not arch.startswith(("resnet", "wide_resnet", "resnext")):
-        fail(f"-a {arch} is not a torchvision ResNet")
+    if arch not in RESNETS:  # an "arch" read from a checkpoint; -a itself is checked in parse_args
+        fail(f"-a {arch} is not a torchvision ResNet: {', '.join(RESNETS)}")
     net = models.__dict__[arch]()
     if in_channels != 3 or stem == "cifar":
         kernel, stride, padding = (3, 1, 1) if stem == "cifar" else (7, 2, 3)
