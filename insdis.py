@@ -18,6 +18,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from functools import partial
 
@@ -91,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_ranges(parser, args, [  # SCAFFOLD: ResNets run at any crop ≥ 1 px with either stem (measured)
         ("-b/--batch-size", args.batch_size >= 1, ">= 1"),
         ("--epochs", args.epochs >= 1, ">= 1"),
-        ("--start-epoch", args.start_epoch >= 0, ">= 0"),
+        ("--start-epoch", 0 <= args.start_epoch < args.epochs, "in [0, --epochs)"),
         ("--lr", args.lr > 0, "> 0"),
         ("--momentum", 0 <= args.momentum <= 1, "in [0, 1]"),
         ("--wd", args.wd >= 0, ">= 0"),
@@ -328,11 +330,34 @@ def seed_everything(seed, offset: int = 0):
         torch.manual_seed(seed + offset)
 
 
+def prepare_output_dir(output_dir: str, is_main: bool):
+    """Before any work: the folder takes a file (a read-only one fails now, not after an epoch), and the
+    checkpoint.pth.tar.tmp of a save that was killed is removed."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        if is_main:
+            tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as err:
+        fail(f"--output-dir '{output_dir}' is not writable: {err.strerror or err}")
+    tmp = os.path.join(output_dir, "checkpoint.pth.tar.tmp")
+    if is_main and os.path.exists(tmp):
+        os.remove(tmp)
+        print(f"=> removed '{tmp}', left by a save that was cut off", flush=True)
+
+
 def save_checkpoint(state: dict, output_dir: str):
-    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    """Atomic: a crash while writing never leaves a truncated checkpoint. A failed write (disk full,
+    permissions) ends the run in one line, the previous checkpoint untouched."""
     path = os.path.join(output_dir, "checkpoint.pth.tar")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's zip writer on a full disk
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        free = shutil.disk_usage(output_dir).free / 2 ** 20 if os.path.isdir(output_dir) else 0
+        kept = f"the previous checkpoint '{path}' is intact" if os.path.isfile(path) else "no earlier checkpoint"
+        fail(f"--output-dir: saving epoch {state['epoch']} failed ({first_line(err)}; {free:.0f} MiB free); {kept}")
 
 
 def resume_path(args) -> str:
@@ -344,20 +369,61 @@ def resume_path(args) -> str:
     return args.resume
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
-    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+
+
+def read_checkpoint(path: str, flag: str) -> dict:
+    """torch.load, tensors only. A file that is not a checkpoint is one line that names it (never the
+    advice to load it with weights_only=False, which would run any code it holds)."""
+    if not os.path.isfile(path):
+        fail(f"{flag}: no checkpoint at '{path}'")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+        if os.path.getsize(path) == 0:
+            why = "the file is empty"
+        elif "WeightsUnpickler error: " in str(err):  # objects other than tensors, code included
+            why = str(err).split("WeightsUnpickler error: ")[1].split(". ")[0]
+        else:
+            why = f"not a torch.save file, or a truncated one ({type(err).__name__}: {first_line(err)})"
+        fail(f"{flag}: cannot read '{path}' as a tensors-only checkpoint: {why}")
+
+
+def mismatch(own: dict, found: dict) -> str:
+    """Why the state_dict `found` does not load into a model whose state_dict is `own`: one line, '' if it loads."""
+    def shape(key):
+        return tuple(getattr(found[key], "shape", ()))
+
+    groups = {"missing": [k for k in own if k not in found], "unexpected": [k for k in found if k not in own],
+              "other shape": [f"{k} {shape(k)} vs {tuple(v.shape)} here" for k, v in own.items()
+                              if k in found and shape(k) != tuple(v.shape)]}
+    return "; ".join(f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                     for what, keys in groups.items() if keys)
+
+
+def load_checkpoint(path: str, method: str) -> dict:
+    """--resume, read before any work: a file that is not a checkpoint of this method stops the run here."""
+    ckpt = read_checkpoint(path, "--resume")
     if not isinstance(ckpt, dict) or ckpt.get("method") != method:
         found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
         fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    return ckpt
+
+
+def restore_checkpoint(ckpt: dict, path: str, model: nn.Module, optimizer) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    state = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", {}).items()}
+    why = mismatch(model.state_dict(), state)
+    if why:
+        fail(f"checkpoint '{path}' does not fit this model: {why} (it was saved with -a {ckpt.get('arch')} and the "
+             f"model flags in its 'args')")
     try:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        model.load_state_dict(state)
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+        fail(f"checkpoint '{path}' does not fit this model: {first_line(err)}")
     return ckpt["epoch"]
 
 
@@ -367,8 +433,8 @@ def main(argv=None):
     if args.batch_size % world_size:
         fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
     if args.batch_size // world_size < 2:  # BatchNorm in training mode needs two values per channel
-        fail(f"-b/--batch-size {args.batch_size} leaves {args.batch_size // world_size} image per process (world size {world_size}); "
-             "BatchNorm in training needs >= 2")
+        fail(f"-b/--batch-size {args.batch_size} leaves {args.batch_size // world_size} image per process (world size "
+             f"{world_size}); BatchNorm in training needs >= 2")
     start_path = resume_path(args)
 
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
@@ -382,7 +448,18 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = args.seed is None
     is_main = rank == 0
     seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    prepare_output_dir(args.output_dir, is_main)
+    if start_path:  # SCAFFOLD: read before any work; a finished run ends here (exit status 0)
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        resumed = load_checkpoint(start_path, "insdis")
+        if resumed["epoch"] >= args.epochs:
+            if is_main:
+                print(f"=> nothing to do: already at epoch {resumed['epoch']} of {args.epochs}; raise --epochs to "
+                      "train on", flush=True)
+            if ddp:
+                dist.destroy_process_group()
+            return
 
     try:
         dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root,
@@ -404,9 +481,8 @@ def main(argv=None):
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
     if start_path:
-        if is_main:
-            print(f"=> loading checkpoint '{start_path}'", flush=True)
-        args.start_epoch = load_checkpoint(start_path, model, optimizer, "insdis")
+        args.start_epoch = restore_checkpoint(resumed, start_path, model, optimizer)
+        del resumed  # its tensors are the model's and the optimizer's now
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
     if ddp:  # no per-step buffer broadcast: a queue/bank stays identical by construction; BN statistics stay per rank
@@ -428,11 +504,11 @@ def main(argv=None):
         except common.DataError as err:
             fail(common.data_error_message(err))
         if is_main:
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
             save_checkpoint({"method": "insdis", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
                              "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
                              "optimizer": optimizer.state_dict()}, args.output_dir)
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
+                f.write(json.dumps(metrics) + "\n")
     if ddp:
         dist.destroy_process_group()
 
