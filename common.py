@@ -67,20 +67,23 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)):
 
 
 @torch.no_grad()
-def extract_features(embed, loader, device, gather=lambda t: t):
+def extract_features(embed, loader, device, gather=lambda t: t, progress=None, print_freq: int = 10):
     """Features (n×d) and labels of a whole `return_index` dataset, in dataset order. Each process
     embeds its shard; `gather` (an all-gather over the processes, the identity for one) brings every
     (index, feature, label), so every process ends with the same full table. Padding duplicates of a
-    DistributedSampler land on their own row again."""
+    DistributedSampler land on their own row again. `progress`, a ProgressMeter, shows every
+    `print_freq`-th batch."""
     n = len(loader.dataset)
     feats, labels = None, torch.zeros(n, dtype=torch.long, device=device)
-    for images, target, index in loader:
+    for i, (images, target, index) in enumerate(loader):
         f = embed(images.to(device, non_blocking=True))
         if feats is None:
             feats = torch.zeros(n, f.shape[1], device=device)
         index = gather(index.to(device))
         feats[index] = gather(f.float())
         labels[index] = gather(target.to(device))
+        if progress is not None and (i % print_freq == 0 or i == len(loader) - 1):
+            progress.display(i)
     return feats, labels
 
 

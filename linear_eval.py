@@ -18,10 +18,13 @@ baseline every pre-training must beat.
     torchrun --nproc_per_node=4 linear_eval.py --data /imagenet --pretrained simsiam.pth.tar --protocol simsiam
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 
 import torch
@@ -97,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_ranges(parser, args, [  # ResNets run at any crop ≥ 1 px with either stem (measured)
         ("-b/--batch-size", args.batch_size >= 1, ">= 1"),
         ("--epochs", args.epochs >= 1, ">= 1"),
-        ("--start-epoch", args.start_epoch >= 0, ">= 0"),
+        ("--start-epoch", 0 <= args.start_epoch < args.epochs, "in [0, --epochs)"),
         ("--lr", args.lr > 0, "> 0"),
         ("--momentum", 0 <= args.momentum <= 1, "in [0, 1]"),
         ("--wd", args.wd >= 0, ">= 0"),
@@ -164,16 +167,10 @@ def stem_of(conv1_weight: torch.Tensor) -> str:
 def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
     """Reads a checkpoint (tensors only), finds the backbone by its key prefix, drops the heads.
     Returns the backbone and the state it was loaded from (for the sanity check)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"--pretrained: no checkpoint at '{path}'")
-    except Exception as err:  # pickled code, or not a torch file
-        fail(f"cannot read '{path}' as a tensors-only checkpoint: {str(err).strip().splitlines()[0]}")
+    ckpt = read_checkpoint(path, "--pretrained")
     if not isinstance(ckpt, dict):
-        fail(f"'{path}' holds a {type(ckpt).__name__}, not a checkpoint dict")
+        fail(f"--pretrained: '{path}' holds a {type(ckpt).__name__}, not a checkpoint dict")
     state = ckpt.get("state_dict", ckpt)
-    arch = arch or ckpt.get("arch") or "resnet50"
     if "module.encoder_l.conv1.weight" in state:  # CMC: two encoders, one per view
         cmc_view = ckpt.get("args", {}).get("view", "Lab")
         layout, renames = f"CMC ({cmc_view})", [("module.encoder_l.", "encoder_l."), ("module.encoder_ab.", "encoder_ab.")]
@@ -190,19 +187,33 @@ def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
                 backbone_state[new + key[len(prefix):]] = value
                 used.add(key)
     ignored = [k for k in state if k not in used]
+    arch = arch or ckpt.get("arch") or infer_arch(path, backbone_state)
     conv1 = next(v for k, v in backbone_state.items() if k.endswith("conv1.weight") and k.count(".") == 2)
     if stem not in ("auto", stem_of(conv1)):
         fail(f"'{path}' has the {stem_of(conv1)} stem (conv1 {tuple(conv1.shape)}), not --stem {stem}")
     backbone = Backbone(arch, cmc_view, stem_of(conv1))
-    try:
-        backbone.load_state_dict(backbone_state)
-    except RuntimeError as err:
-        fail(f"'{path}' ({layout}) does not fit -a {arch}: {' '.join(str(err).split())[:300]}")
+    why = mismatch(backbone.state_dict(), backbone_state)
+    if why:
+        fail(f"--pretrained: '{path}' ({layout}) does not fit -a {arch}: {why}")
+    backbone.load_state_dict(backbone_state)
     if is_main:
         print(f"=> loaded '{path}': {layout}, arch {arch}, {stem_of(conv1)} stem; used {len(used)} keys "
               f"({', '.join(p for p, _ in renames) or 'no prefix'}), ignored {len(ignored)}: "
               f"{summarise(ignored)}", flush=True)
     return backbone, {k: v.clone() for k, v in backbone.state_dict().items()}
+
+
+def infer_arch(path: str, state: dict) -> str:
+    """The torchvision ResNet whose tensors have these names and shapes (conv1 aside: the stems differ), for
+    a checkpoint without an "arch" field: a plain state_dict, such as one --export wrote."""
+    body = {k.split(".", 1)[1]: tuple(v.shape) for k, v in state.items()
+            if k.startswith(("encoder.", "encoder_l.")) and not k.split(".", 1)[1].startswith("conv1.")}
+    for arch in RESNETS:
+        with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+            net = models.__dict__[arch]()
+        if body == {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith(("conv1.", "fc."))}:
+            return arch
+    fail(f"--pretrained: '{path}' has no \"arch\" and its tensors fit no torchvision ResNet; give -a")
 
 
 def summarise(keys) -> str:
@@ -212,6 +223,36 @@ def summarise(keys) -> str:
         group = ".".join(key.split(".")[:2]) + ".*" if key.count(".") >= 2 else key
         groups[group] = groups.get(group, 0) + 1
     return ", ".join(f"{g} ({n})" for g, n in groups.items()) or "none"
+
+
+def fingerprint(state: dict) -> str:
+    """sha1 of a backbone's tensors (names, dtypes, bytes): which weights a probe was trained on."""
+    digest = hashlib.sha1()
+    for key, value in state.items():
+        digest.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_backbone(path: str, old: dict, args):
+    """--resume: the default --output-dir is shared by every probe; continuing one on another backbone
+    would mix two runs in one checkpoint and log."""
+    same = (old["backbone_sha1"] == args.backbone_sha1 if "backbone_sha1" in old
+            else old.get("pretrained") == args.pretrained)  # a probe written before fingerprints
+    if not same:
+        seed = "" if args.pretrained else "; random weights repeat only with the same --seed"
+        fail(f"--resume: '{path}' is a probe of another backbone ({old.get('pretrained') or 'random weights'}, "
+             f"sha1 {old.get('backbone_sha1', '?')[:12]}), not of {args.pretrained or 'random weights'} "
+             f"(sha1 {args.backbone_sha1[:12]}); give each probe its own --output-dir{seed}")
+
+
+def features(backbone: nn.Module, loader, device, split: str, args, is_main: bool):
+    """All features of a split, with a progress line every --print-freq batches (ImageNet takes minutes)."""
+    progress = common.ProgressMeter(len(loader), [], prefix=f"Features ({split}): ") if is_main else None
+    try:
+        return common.extract_features(backbone, loader, device, concat_all_gather, progress, args.print_freq)
+    except common.DataError as err:
+        fail(common.data_error_message(err))
 
 
 def sanity_check(backbone: nn.Module, reference: dict):
@@ -353,11 +394,34 @@ def seed_everything(seed, offset: int = 0):
         torch.manual_seed(seed + offset)
 
 
+def prepare_output_dir(output_dir: str, is_main: bool):
+    """Before any work: the folder takes a file (a read-only one fails now, not after an epoch), and the
+    checkpoint.pth.tar.tmp of a save that was killed is removed."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        if is_main:
+            tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as err:
+        fail(f"--output-dir '{output_dir}' is not writable: {err.strerror or err}")
+    tmp = os.path.join(output_dir, "checkpoint.pth.tar.tmp")
+    if is_main and os.path.exists(tmp):
+        os.remove(tmp)
+        print(f"=> removed '{tmp}', left by a save that was cut off", flush=True)
+
+
 def save_checkpoint(state: dict, output_dir: str):
-    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    """Atomic: a crash while writing never leaves a truncated checkpoint. A failed write (disk full,
+    permissions) ends the run in one line, the previous checkpoint untouched."""
     path = os.path.join(output_dir, "checkpoint.pth.tar")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's zip writer on a full disk
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        free = shutil.disk_usage(output_dir).free / 2 ** 20 if os.path.isdir(output_dir) else 0
+        kept = f"the previous checkpoint '{path}' is intact" if os.path.isfile(path) else "no earlier checkpoint"
+        fail(f"--output-dir: saving epoch {state['epoch']} failed ({first_line(err)}; {free:.0f} MiB free); {kept}")
 
 
 def resume_path(args) -> str:
@@ -369,20 +433,61 @@ def resume_path(args) -> str:
     return args.resume
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
-    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+
+
+def read_checkpoint(path: str, flag: str) -> dict:
+    """torch.load, tensors only. A file that is not a checkpoint is one line that names it (never the
+    advice to load it with weights_only=False, which would run any code it holds)."""
+    if not os.path.isfile(path):
+        fail(f"{flag}: no checkpoint at '{path}'")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+        if os.path.getsize(path) == 0:
+            why = "the file is empty"
+        elif "WeightsUnpickler error: " in str(err):  # objects other than tensors, code included
+            why = str(err).split("WeightsUnpickler error: ")[1].split(". ")[0]
+        else:
+            why = f"not a torch.save file, or a truncated one ({type(err).__name__}: {first_line(err)})"
+        fail(f"{flag}: cannot read '{path}' as a tensors-only checkpoint: {why}")
+
+
+def mismatch(own: dict, found: dict) -> str:
+    """Why the state_dict `found` does not load into a model whose state_dict is `own`: one line, '' if it loads."""
+    def shape(key):
+        return tuple(getattr(found[key], "shape", ()))
+
+    groups = {"missing": [k for k in own if k not in found], "unexpected": [k for k in found if k not in own],
+              "other shape": [f"{k} {shape(k)} vs {tuple(v.shape)} here" for k, v in own.items()
+                              if k in found and shape(k) != tuple(v.shape)]}
+    return "; ".join(f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                     for what, keys in groups.items() if keys)
+
+
+def load_checkpoint(path: str, method: str) -> dict:
+    """--resume, read before any work: a file that is not a checkpoint of this method stops the run here."""
+    ckpt = read_checkpoint(path, "--resume")
     if not isinstance(ckpt, dict) or ckpt.get("method") != method:
         found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
         fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    return ckpt
+
+
+def restore_checkpoint(ckpt: dict, path: str, model: nn.Module, optimizer) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    state = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", {}).items()}
+    why = mismatch(model.state_dict(), state)
+    if why:
+        fail(f"checkpoint '{path}' does not fit this model: {why} (it was saved with -a {ckpt.get('arch')} and the "
+             f"model flags in its 'args')")
     try:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        model.load_state_dict(state)
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+        fail(f"checkpoint '{path}' does not fit this model: {first_line(err)}")
     return ckpt["epoch"]
 
 
@@ -404,7 +509,6 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = args.seed is None
     is_main = rank == 0
     seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     if args.pretrained:  # METHOD
         backbone, reference = load_backbone(args.pretrained, args.arch, is_main, args.stem)
@@ -416,16 +520,34 @@ def main(argv=None):
         backbone = Backbone(args.arch, stem=stem)
         reference = {k: v.clone() for k, v in backbone.state_dict().items()}
     args.arch, args.stem = backbone.arch, backbone.stem  # recorded in the probe's checkpoint
+    args.backbone_sha1 = fingerprint(reference)  # which weights the probe is of: a path can be overwritten
     if args.export:
         if backbone.cmc_view:
             fail("--export writes one torchvision ResNet; a CMC checkpoint holds two encoders")
         if is_main:
-            torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export)
+            try:
+                torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export)
+            except (OSError, RuntimeError) as err:
+                fail(f"--export: cannot write '{args.export}': {first_line(err)}")
             load = "" if backbone.stem == "imagenet" else (
                 " after setting conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity()")
             print(f"=> exported the backbone to '{args.export}': torchvision.models.{args.arch}() loads it "
-                  f"with strict=False (only fc.* missing){load}", flush=True)
+                  f"with strict=False (only fc.* missing){load}; --pretrained reads it back", flush=True)
         return
+    if not args.knn:  # the probe's checkpoint, read before any work; a finished probe ends here (exit status 0)
+        prepare_output_dir(args.output_dir, is_main)
+        if start_path:
+            if is_main:
+                print(f"=> loading checkpoint '{start_path}'", flush=True)
+            resumed = load_checkpoint(start_path, "linear")
+            check_same_backbone(start_path, resumed.get("args", {}), args)
+            if resumed["epoch"] >= args.epochs:
+                if is_main:
+                    print(f"=> nothing to do: already at epoch {resumed['epoch']} of {args.epochs}; raise --epochs to "
+                          f"train on (best Acc@1 {resumed.get('best_acc1', float('nan')):.2f})", flush=True)
+                if ddp:
+                    dist.destroy_process_group()
+                return {key: resumed.get(key) for key in ("best_acc1", "best_epoch")}
     backbone.to(device).eval().requires_grad_(False)
 
     try:
@@ -439,19 +561,13 @@ def main(argv=None):
     num_classes = len(train_set.classes)
     per_process = args.batch_size // world_size
     val_loader = common.build_loader(val_set, per_process, args.workers, rank, world_size, train=False)
-    try:
-        val_feats, val_labels = common.extract_features(backbone, val_loader, device, concat_all_gather)
-    except common.DataError as err:
-        fail(common.data_error_message(err))
+    val_feats, val_labels = features(backbone, val_loader, device, "val", args, is_main)
 
     if args.knn:  # Wu et al. Sec. 3.4, on the training images without augmentation
         train_plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view),
                                            args.data_root, return_index=True)
         loader = common.build_loader(train_plain, per_process, args.workers, rank, world_size, train=False)
-        try:
-            train_feats, train_labels = common.extract_features(backbone, loader, device, concat_all_gather)
-        except common.DataError as err:
-            fail(common.data_error_message(err))
+        train_feats, train_labels = features(backbone, loader, device, "train", args, is_main)
         scores = common.knn_classify(F.normalize(val_feats, dim=1), F.normalize(train_feats, dim=1),
                                      train_labels, num_classes, args.knn_k, args.knn_t)
         acc1, acc5 = common.accuracy(scores, val_labels, topk=(1, 5))
@@ -468,11 +584,8 @@ def main(argv=None):
     optimizer = build_optimizer(classifier, args)
     best = {"best_acc1": float("-inf"), "best_epoch": -1}  # official main_lincls.py: best top-1, in the checkpoint too
     if start_path:
-        if is_main:
-            print(f"=> loading checkpoint '{start_path}'", flush=True)
-        args.start_epoch = load_checkpoint(start_path, classifier, optimizer, "linear")
-        saved = torch.load(start_path, map_location="cpu", weights_only=True)
-        best = {key: saved.get(key, value) for key, value in best.items()}
+        args.start_epoch = restore_checkpoint(resumed, start_path, classifier, optimizer)
+        best = {key: resumed.get(key, value) for key, value in best.items()}
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
     if ddp:
@@ -497,11 +610,11 @@ def main(argv=None):
         metrics.update(best)
         if is_main:
             print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}", flush=True)
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
             save_checkpoint({"method": "linear", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
                              "state_dict": {"module." + k: v for k, v in unwrap(classifier).state_dict().items()},
                              "optimizer": optimizer.state_dict(), **best}, args.output_dir)
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
+                f.write(json.dumps(metrics) + "\n")
     sanity_check(backbone, reference)
     if is_main:  # `=> linear probe: Acc@1 <last>` is parsed by other code: keep its start
         print(f"=> linear probe: Acc@1 {metrics.get('acc1', float('nan')):.2f} "
