@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from functools import partial
@@ -514,4 +515,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: saves are atomic, so every checkpoint on disk is whole
+        print(f"{PROG}: interrupted; the checkpoints saved so far are intact", file=sys.stderr)
+        raise SystemExit(130)  # 128 + SIGINT, as a shell reports it
