@@ -300,7 +300,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
     losses, taus = common.AverageMeter("Loss", ":.4e"), common.AverageMeter("Tau", ":.6f")
     progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, taus],
-                                    prefix=f"Epoch: [{epoch}]")
+                                    prefix=f"Epoch: [{epoch}/{args.epochs}]")
     model.train()
     total_steps = args.epochs * len(loader)  # K: τ and lr are pure functions of the global step
     end = time.time()
@@ -542,6 +542,9 @@ def main(argv=None):
                              "optimizer": optimizer.state_dict(), "tau": metrics["tau"]}, args.output_dir)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
                 f.write(json.dumps(metrics) + "\n")
+    if is_main:
+        print(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'",
+              flush=True)
     if ddp:
         dist.destroy_process_group()
 

@@ -289,7 +289,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     losses = common.AverageMeter("Loss", ":.4e")
     l_prob, ab_prob = common.AverageMeter("l_p", ":.4f"), common.AverageMeter("ab_p", ":.4f")
     progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, l_prob, ab_prob],
-                                    prefix=f"Epoch: [{epoch}]")
+                                    prefix=f"Epoch: [{epoch}/{args.epochs}]")
     model.train()
     n_data = unwrap(model).n_data
     end = time.time()
@@ -524,6 +524,9 @@ def main(argv=None):
                              "optimizer": optimizer.state_dict()}, args.output_dir)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
                 f.write(json.dumps(metrics) + "\n")
+    if is_main:
+        print(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'",
+              flush=True)
     if ddp:
         dist.destroy_process_group()
 

@@ -277,7 +277,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
     losses, probs = common.AverageMeter("Loss", ":.4e"), common.AverageMeter("Prob", ":.4f")
     progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, probs],
-                                    prefix=f"Epoch: [{epoch}]")
+                                    prefix=f"Epoch: [{epoch}/{args.epochs}]")
     model.train()
     n_data = unwrap(model).n_data
     end = time.time()
@@ -510,6 +510,9 @@ def main(argv=None):
                              "optimizer": optimizer.state_dict()}, args.output_dir)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
                 f.write(json.dumps(metrics) + "\n")
+    if is_main:
+        print(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'",
+              flush=True)
     if ddp:
         dist.destroy_process_group()
 

@@ -334,7 +334,7 @@ def train_one_epoch(loader, backbone, classifier, optimizer, epoch: int, args, d
     losses = common.AverageMeter("Loss", ":.4e")
     top1, top5 = common.AverageMeter("Acc@1", ":6.2f"), common.AverageMeter("Acc@5", ":6.2f")
     progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, top1, top5],
-                                    prefix=f"Epoch: [{epoch}]")
+                                    prefix=f"Epoch: [{epoch}/{args.epochs}]")
     backbone.eval()  # frozen, BN statistics fixed
     end = time.time()
     for i, (images, target) in enumerate(loader):
@@ -610,7 +610,7 @@ def main(argv=None):
             best = {"best_acc1": metrics["acc1"], "best_epoch": epoch}
         metrics.update(best)
         if is_main:
-            print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}", flush=True)
+            print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} (epoch {epoch})", flush=True)
             save_checkpoint({"method": "linear", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
                              "state_dict": {"module." + k: v for k, v in unwrap(classifier).state_dict().items()},
                              "optimizer": optimizer.state_dict(), **best}, args.output_dir)
@@ -620,7 +620,8 @@ def main(argv=None):
     if is_main:  # `=> linear probe: Acc@1 <last>` is parsed by other code: keep its start
         print(f"=> linear probe: Acc@1 {metrics.get('acc1', float('nan')):.2f} "
               f"Acc@5 {metrics.get('acc5', float('nan')):.2f} (last epoch); best Acc@1 {best['best_acc1']:.2f} "
-              f"(epoch {best['best_epoch']}) (backbone unchanged: sanity check passed)", flush=True)
+              f"(epoch {best['best_epoch']}) (backbone unchanged: sanity check passed); "
+              f"checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'", flush=True)
     if ddp:
         dist.destroy_process_group()
     return metrics

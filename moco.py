@@ -306,7 +306,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     losses = common.AverageMeter("Loss", ":.4e")
     top1, top5 = common.AverageMeter("Acc@1", ":6.2f"), common.AverageMeter("Acc@5", ":6.2f")
     progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, top1, top5],
-                                    prefix=f"Epoch: [{epoch}]")
+                                    prefix=f"Epoch: [{epoch}/{args.epochs}]")
     model.train()
     end = time.time()
     for i, (images, _) in enumerate(loader):
@@ -546,6 +546,9 @@ def main(argv=None):
                              "optimizer": optimizer.state_dict()}, args.output_dir)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
                 f.write(json.dumps(metrics) + "\n")
+    if is_main:
+        print(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'",
+              flush=True)
     if ddp:
         dist.destroy_process_group()
 
