@@ -14,6 +14,7 @@ collapsing. LARS, large batches, global BN and asymmetric augmentations (Table 6
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 byol.py --data /imagenet
 """
 import argparse
+import inspect
 import copy
 import json
 import math
@@ -520,8 +521,10 @@ def main(argv=None):
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
     if ddp:  # no per-step buffer broadcast: a queue/bank stays identical by construction; BN statistics stay per rank
+        ddp_flags = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"  # torch's new name
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+                                                    **{no_sync: False})
 
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)

@@ -15,6 +15,7 @@ model from cheating through batch statistics. v2 adds an MLP head, blur and a co
 -b is the global batch; the official -b is per node, so its -b B on M nodes is -b M·B here.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -523,8 +524,10 @@ def main(argv=None):
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
     if ddp:  # no per-step buffer broadcast: a queue/bank stays identical by construction; BN statistics stay per rank
+        ddp_flags = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"  # torch's new name
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+                                                    **{no_sync: False})
 
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
