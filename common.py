@@ -336,12 +336,20 @@ def build_dataset(data: str, split: str, transform, data_root: str = "./data",
         size = int(arg) if arg else 5000
         n = size if split != "val" else max(size // 5, SyntheticTextures.num_classes)
         dataset = SyntheticTextures(n, "val" if split == "val" else "train", transform=transform)
-    elif name in ("cifar10", "cifar100"):
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        dataset = cls(data_root, train=split != "val", transform=transform, download=True)
-    elif name == "stl10":
-        stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
-        dataset = datasets.STL10(data_root, split=stl_split, transform=transform, download=True)
+    elif name in ("cifar10", "cifar100", "stl10"):
+        created = not os.path.exists(data_root)
+        try:
+            if name == "stl10":
+                stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+                dataset = datasets.STL10(data_root, split=stl_split, transform=transform, download=True)
+            else:
+                cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+                dataset = cls(data_root, train=split != "val", transform=transform, download=True)
+        except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), or a corrupt download
+            if created and os.path.isdir(data_root) and not os.listdir(data_root):
+                os.rmdir(data_root)  # torchvision made it: leave no empty folder behind
+            raise DataError(f"--data {name}: cannot download it into --data-root '{data_root}' "
+                            f"({getattr(err, 'reason', err)}); offline, copy torchvision's files there") from None
     else:
         if not os.path.isdir(data):
             raise DataError(f"data folder '{data}' does not exist")
