@@ -5,6 +5,7 @@ would have printed a traceback) and checks a non-zero exit, one line naming the 
 checkpoint byte for byte. Training is replaced by a stub where a case needs an epoch to end: the cases
 are about the scaffold around it."""
 import errno
+import inspect
 import json
 import os
 import runpy
@@ -19,6 +20,7 @@ import warnings
 
 import pytest
 import torch
+import torchvision.models as models
 
 import byol
 import cmc
@@ -51,7 +53,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def no_training(*args, **kwargs):
-    """train_one_epoch's stand-in: the epoch ends at once (BYOL saves its τ, the probe its accuracy)."""
+    """train_one_epoch's stand-in: the epoch ends at once (with the τ BYOL saves)."""
     return {"epoch": 0, "loss": 0.0, "tau": 0.996}
 
 
@@ -146,6 +148,14 @@ def test_a_flag_out_of_range_is_one_argparse_line(name, flag, value, message, ou
     status, _, err = run(name, ARGV[name] + ["--output-dir", out, flag, value], capsys)
     assert_one_line(status, err, name, 2, message)
     assert (out / "checkpoint.pth.tar").read_bytes() == PREVIOUS
+
+
+def test_resnets_are_the_torchvision_builders_of_a_resnet_and_the_helpers_one_text():
+    builders = {n for n in models.list_models(module=models) if models.get_model_builder(n).__module__ == models.resnet.__name__}
+    assert all(module.RESNETS == moco.RESNETS for module in MODULES.values()) and set(moco.RESNETS) == builders
+    for helper in ("check_ranges", "prepare_output_dir", "save_checkpoint", "first_line", "read_checkpoint", "mismatch",
+                   "load_checkpoint", "restore_checkpoint"):  # the scaffold: the same text in all seven scripts
+        assert len({inspect.getsource(getattr(module, helper)) for module in MODULES.values()}) == 1, helper
 
 
 @pytest.mark.parametrize("name", TRAINING)
