@@ -404,7 +404,9 @@ def resume_path(args) -> str:
 
 
 def first_line(err: Exception) -> str:
-    text = str(err).strip()
+    """An exception's first sentence, for a one-line message; torch's C++ location dropped
+    ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", a full disk)."""
+    text = str(err).strip().split("] . ")[-1]
     return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
 
 

@@ -435,7 +435,9 @@ def resume_path(args) -> str:
 
 
 def first_line(err: Exception) -> str:
-    text = str(err).strip()
+    """An exception's first sentence, for a one-line message; torch's C++ location dropped
+    ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", a full disk)."""
+    text = str(err).strip().split("] . ")[-1]
     return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
 
 
@@ -526,9 +528,12 @@ def main(argv=None):
         if backbone.cmc_view:
             fail("--export writes one torchvision ResNet; a CMC checkpoint holds two encoders")
         if is_main:
-            try:
-                torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export)
+            try:  # atomic, as save_checkpoint: a full disk leaves no partial file
+                torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export + ".tmp")
+                os.replace(args.export + ".tmp", args.export)
             except (OSError, RuntimeError) as err:
+                if os.path.exists(args.export + ".tmp"):
+                    os.remove(args.export + ".tmp")
                 fail(f"--export: cannot write '{args.export}': {first_line(err)}")
             load = "" if backbone.stem == "imagenet" else (
                 " after setting conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity()")
