@@ -14,11 +14,15 @@ collapsing. LARS, large batches, global BN and asymmetric augmentations (Table 6
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 byol.py --data /imagenet
 """
 import argparse
+import inspect
 import copy
 import json
 import math
 import os
 import random
+import shutil
+import sys
+import tempfile
 import time
 from functools import partial
 
@@ -32,15 +36,18 @@ import torchvision.transforms as transforms
 import common
 
 PROG = "byol.py"
+RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",  # -a: the torchvision
+           "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]  # builders of a ResNet
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description="BYOL pre-training")
+    parser = argparse.ArgumentParser(prog=PROG, description="BYOL pre-training",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data")  # SCAFFOLD
     group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
     group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
     group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
-    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
     group = parser.add_argument_group("model")
     group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",  # SCAFFOLD
@@ -52,21 +59,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--tau-base", "--base-target-ema", type=float, default=0.996,
                        help="target decay rate τ at step 0, raised to 1 by a cosine (Sec. 3.3)")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=300)
+    group.add_argument("--epochs", type=int, default=300, help="epochs to train in all")
     group.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up (Sec. 3.3)")
     group.add_argument("-b", "--batch-size", type=int, default=4096, help="global batch over all processes")
     group.add_argument("--lr", "--learning-rate", type=float, default=0.2, help="base lr for batch 256: lr × batch/256")
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--wd", "--weight-decay", type=float, default=1.5e-6)
+    group.add_argument("--momentum", type=float, default=0.9, help="optimizer momentum")
+    group.add_argument("--wd", "--weight-decay", type=float, default=1.5e-6, help="weight decay")
     group = parser.add_argument_group("run")  # SCAFFOLD
-    group.add_argument("--output-dir", default="./runs/byol")
+    group.add_argument("--output-dir", default="./runs/byol", help="checkpoint.pth.tar and log.txt go here")
     group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
-    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--start-epoch", type=int, default=0, help="first epoch (--resume sets it)")
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
-    group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("-p", "--print-freq", type=int, default=10, help="a progress line every N steps")
     group.add_argument("--knn-every", type=int, default=None,
-                       help="kNN monitor every N epochs, 0 = off (default: 1 for synthetic, CIFAR and STL-10, 0 for "
-                            "image folders: each time it embeds the train and val splits, forward only)")
+                       help="kNN monitor every N epochs, 0 = off; None: 1 for synthetic, CIFAR and STL-10, 0 for "
+                            "image folders (each time it embeds the train and val splits, forward only)")
     group.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours that vote")
     group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
@@ -77,19 +84,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.data = args.data or args.data_pos
     if not args.data:
         parser.error("--data is required")
-    args.image_size = args.image_size or common.default_image_size(args.data)
+    args.image_size = common.default_image_size(args.data) if args.image_size is None else args.image_size
     args.stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem
     if args.knn_every is None:
         args.knn_every = int(args.data.split(":")[0] in ("synthetic", "cifar10", "cifar100", "stl10"))
     if args.knn_every < 0 or args.knn_k < 1 or args.knn_t <= 0:  # SCAFFOLD
         parser.error(f"the kNN monitor needs --knn-every >= 0, --knn-k >= 1 and --knn-t > 0 (got "
                      f"{args.knn_every}, {args.knn_k}, {args.knn_t})")
+    check_ranges(parser, args, [  # SCAFFOLD: ResNets run at any crop ≥ 1 px with either stem (measured)
+        ("-b/--batch-size", args.batch_size >= 1, ">= 1"),
+        ("--epochs", args.epochs >= 1, ">= 1"),
+        ("--start-epoch", 0 <= args.start_epoch < args.epochs, "in [0, --epochs)"),
+        ("--lr", args.lr > 0, "> 0"),
+        ("--momentum", 0 <= args.momentum <= 1, "in [0, 1]"),
+        ("--wd", args.wd >= 0, ">= 0"),
+        ("-j/--workers", args.workers >= 0, ">= 0"),
+        ("-p/--print-freq", args.print_freq >= 1, ">= 1"),
+        ("--image-size", args.image_size >= 1, ">= 1"),
+        ("-a/--arch", args.arch in RESNETS, "a torchvision ResNet: " + ", ".join(RESNETS)),
+    ])
+    check_ranges(parser, args, [  # METHOD
+        ("--tau-base", 0 <= args.tau_base <= 1, "in [0, 1]"),
+        ("--dim", args.dim >= 1, ">= 1"),
+        ("--hidden-dim", args.hidden_dim >= 1, ">= 1"),
+        ("--warmup-epochs", args.warmup_epochs >= 0, ">= 0"),
+    ])
     return args
 
 
 class GoneFlag(argparse.Action):  # SCAFFOLD
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+def check_ranges(parser, args, checks):  # SCAFFOLD
+    """(flag, ok, accepted range): the first flag out of its range is one argparse error line."""
+    for flag, ok, accepted in checks:
+        if not ok:  # the value: args.<the long flag's name>
+            parser.error(f"{flag} must be {accepted} (got {getattr(args, flag.split('--')[-1].replace('-', '_'))})")
 
 
 # ------------------------------------------------------------------------------------------ METHOD
@@ -269,7 +301,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
     batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
     losses, taus = common.AverageMeter("Loss", ":.4e"), common.AverageMeter("Tau", ":.6f")
     progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, taus],
-                                    prefix=f"Epoch: [{epoch}]")
+                                    prefix=f"Epoch: [{epoch}/{args.epochs}]")
     model.train()
     total_steps = args.epochs * len(loader)  # K: τ and lr are pure functions of the global step
     end = time.time()
@@ -332,11 +364,34 @@ def seed_everything(seed, offset: int = 0):
         torch.manual_seed(seed + offset)
 
 
+def prepare_output_dir(output_dir: str, is_main: bool):
+    """Before any work: the folder takes a file (a read-only one fails now, not after an epoch), and the
+    checkpoint.pth.tar.tmp of a save that was killed is removed."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        if is_main:
+            tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as err:
+        fail(f"--output-dir '{output_dir}' is not writable: {err.strerror or err}")
+    tmp = os.path.join(output_dir, "checkpoint.pth.tar.tmp")
+    if is_main and os.path.exists(tmp):
+        os.remove(tmp)
+        print(f"=> removed '{tmp}', left by a save that was cut off", flush=True)
+
+
 def save_checkpoint(state: dict, output_dir: str):
-    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    """Atomic: a crash while writing never leaves a truncated checkpoint. A failed write (disk full,
+    permissions) ends the run in one line, the previous checkpoint untouched."""
     path = os.path.join(output_dir, "checkpoint.pth.tar")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's zip writer on a full disk
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        free = shutil.disk_usage(output_dir).free / 2 ** 20 if os.path.isdir(output_dir) else 0
+        kept = f"the previous checkpoint '{path}' is intact" if os.path.isfile(path) else "no earlier checkpoint"
+        fail(f"--output-dir: saving epoch {state['epoch']} failed ({first_line(err)}; {free:.0f} MiB free); {kept}")
 
 
 def resume_path(args) -> str:
@@ -348,20 +403,63 @@ def resume_path(args) -> str:
     return args.resume
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
-    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+def first_line(err: Exception) -> str:
+    """An exception's first sentence, for a one-line message; torch's C++ location dropped
+    ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", a full disk)."""
+    text = str(err).strip().split("] . ")[-1]
+    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+
+
+def read_checkpoint(path: str, flag: str) -> dict:
+    """torch.load, tensors only. A file that is not a checkpoint is one line that names it (never the
+    advice to load it with weights_only=False, which would run any code it holds)."""
+    if not os.path.isfile(path):
+        fail(f"{flag}: no checkpoint at '{path}'")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+        if os.path.getsize(path) == 0:
+            why = "the file is empty"
+        elif "WeightsUnpickler error: " in str(err):  # objects other than tensors, code included
+            why = str(err).split("WeightsUnpickler error: ")[1].split(". ")[0]
+        else:
+            why = f"not a torch.save file, or a truncated one ({type(err).__name__}: {first_line(err)})"
+        fail(f"{flag}: cannot read '{path}' as a tensors-only checkpoint: {why}")
+
+
+def mismatch(own: dict, found: dict) -> str:
+    """Why the state_dict `found` does not load into a model whose state_dict is `own`: one line, '' if it loads."""
+    def shape(key):
+        return tuple(getattr(found[key], "shape", ()))
+
+    groups = {"missing": [k for k in own if k not in found], "unexpected": [k for k in found if k not in own],
+              "other shape": [f"{k} {shape(k)} vs {tuple(v.shape)} here" for k, v in own.items()
+                              if k in found and shape(k) != tuple(v.shape)]}
+    return "; ".join(f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                     for what, keys in groups.items() if keys)
+
+
+def load_checkpoint(path: str, method: str) -> dict:
+    """--resume, read before any work: a file that is not a checkpoint of this method stops the run here."""
+    ckpt = read_checkpoint(path, "--resume")
     if not isinstance(ckpt, dict) or ckpt.get("method") != method:
         found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
         fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    return ckpt
+
+
+def restore_checkpoint(ckpt: dict, path: str, model: nn.Module, optimizer) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    state = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", {}).items()}
+    why = mismatch(model.state_dict(), state)
+    if why:
+        fail(f"checkpoint '{path}' does not fit this model: {why} (it was saved with -a {ckpt.get('arch')} and the "
+             f"model flags in its 'args')")
     try:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        model.load_state_dict(state)
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+        fail(f"checkpoint '{path}' does not fit this model: {first_line(err)}")
     return ckpt["epoch"]
 
 
@@ -370,6 +468,9 @@ def main(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
         fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
+    if args.batch_size // world_size < 2:  # BatchNorm in training mode needs two values per channel
+        fail(f"-b/--batch-size {args.batch_size} leaves {args.batch_size // world_size} image per process (world size "
+             f"{world_size}); BatchNorm in training needs >= 2")
     start_path = resume_path(args)
 
     ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
@@ -383,7 +484,18 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = args.seed is None
     is_main = rank == 0
     seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
+    prepare_output_dir(args.output_dir, is_main)
+    if start_path:  # SCAFFOLD: read before any work; a finished run ends here (exit status 0)
+        if is_main:
+            print(f"=> loading checkpoint '{start_path}'", flush=True)
+        resumed = load_checkpoint(start_path, "byol")
+        if resumed["epoch"] >= args.epochs:
+            if is_main:
+                print(f"=> nothing to do: already at epoch {resumed['epoch']} of {args.epochs}; raise --epochs to "
+                      "train on", flush=True)
+            if ddp:
+                dist.destroy_process_group()
+            return
 
     try:
         dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root)
@@ -406,14 +518,15 @@ def main(argv=None):
     args.init_lr = args.lr * args.batch_size / 256  # METHOD: Sec. 3.3, lr = 0.2 × batch/256
     optimizer = LARS(lars_param_groups(model), args.init_lr, momentum=args.momentum, weight_decay=args.wd)
     if start_path:
-        if is_main:
-            print(f"=> loading checkpoint '{start_path}'", flush=True)
-        args.start_epoch = load_checkpoint(start_path, model, optimizer, "byol")
+        args.start_epoch = restore_checkpoint(resumed, start_path, model, optimizer)
+        del resumed  # its tensors are the model's and the optimizer's now
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
     if ddp:  # no per-step buffer broadcast: a queue/bank stays identical by construction; BN statistics stay per rank
+        ddp_flags = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"  # torch's new name
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+                                                    **{no_sync: False})
 
     for epoch in range(args.start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
@@ -429,14 +542,21 @@ def main(argv=None):
         except common.DataError as err:
             fail(common.data_error_message(err))
         if is_main:
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
             save_checkpoint({"method": "byol", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
                              "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
                              "optimizer": optimizer.state_dict(), "tau": metrics["tau"]}, args.output_dir)
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
+                f.write(json.dumps(metrics) + "\n")
+    if is_main:
+        print(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'",
+              flush=True)
     if ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: saves are atomic, so every checkpoint on disk is whole
+        print(f"{PROG}: interrupted; the checkpoints saved so far are intact", file=sys.stderr)
+        raise SystemExit(130)  # 128 + SIGINT, as a shell reports it

@@ -67,20 +67,23 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)):
 
 
 @torch.no_grad()
-def extract_features(embed, loader, device, gather=lambda t: t):
+def extract_features(embed, loader, device, gather=lambda t: t, progress=None, print_freq: int = 10):
     """Features (n×d) and labels of a whole `return_index` dataset, in dataset order. Each process
     embeds its shard; `gather` (an all-gather over the processes, the identity for one) brings every
     (index, feature, label), so every process ends with the same full table. Padding duplicates of a
-    DistributedSampler land on their own row again."""
+    DistributedSampler land on their own row again. `progress`, a ProgressMeter, shows every
+    `print_freq`-th batch."""
     n = len(loader.dataset)
     feats, labels = None, torch.zeros(n, dtype=torch.long, device=device)
-    for images, target, index in loader:
+    for i, (images, target, index) in enumerate(loader):
         f = embed(images.to(device, non_blocking=True))
         if feats is None:
             feats = torch.zeros(n, f.shape[1], device=device)
         index = gather(index.to(device))
         feats[index] = gather(f.float())
         labels[index] = gather(target.to(device))
+        if progress is not None and (i % print_freq == 0 or i == len(loader) - 1):
+            progress.display(i)
     return feats, labels
 
 
@@ -333,12 +336,20 @@ def build_dataset(data: str, split: str, transform, data_root: str = "./data",
         size = int(arg) if arg else 5000
         n = size if split != "val" else max(size // 5, SyntheticTextures.num_classes)
         dataset = SyntheticTextures(n, "val" if split == "val" else "train", transform=transform)
-    elif name in ("cifar10", "cifar100"):
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        dataset = cls(data_root, train=split != "val", transform=transform, download=True)
-    elif name == "stl10":
-        stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
-        dataset = datasets.STL10(data_root, split=stl_split, transform=transform, download=True)
+    elif name in ("cifar10", "cifar100", "stl10"):
+        created = not os.path.exists(data_root)
+        try:
+            if name == "stl10":
+                stl_split = {"pretrain": "train+unlabeled", "train": "train", "val": "test"}[split]
+                dataset = datasets.STL10(data_root, split=stl_split, transform=transform, download=True)
+            else:
+                cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+                dataset = cls(data_root, train=split != "val", transform=transform, download=True)
+        except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), or a corrupt download
+            if created and os.path.isdir(data_root) and not os.listdir(data_root):
+                os.rmdir(data_root)  # torchvision made it: leave no empty folder behind
+            raise DataError(f"--data {name}: cannot download it into --data-root '{data_root}' "
+                            f"({getattr(err, 'reason', err)}); offline, copy torchvision's files there") from None
     else:
         if not os.path.isdir(data):
             raise DataError(f"data folder '{data}' does not exist")

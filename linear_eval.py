@@ -22,12 +22,16 @@ images (no weight changes): the baseline every pre-training must beat.
     python linear_eval.py --data synthetic --pretrained checkpoint.pth.tar --export r50.pkl --export-format detectron2
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import pickle
 import random
 import re
+import shutil
+import sys
+import tempfile
 import time
 
 import torch
@@ -40,6 +44,8 @@ import torchvision.transforms as transforms
 import common
 
 PROG = "linear_eval.py"
+RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",  # -a: the torchvision
+           "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]  # builders of a ResNet
 PROTOCOLS = {  # defaults per protocol; explicit flags win
     "moco": dict(lr=30.0, batch_size=256, epochs=100, wd=0.0, optimizer="sgd", cos=False, schedule=[60, 80]),
     # lr: the official main_lincls.py default (facebookresearch/simsiam@a7bc177 l. 53), not App. A's 0.02;
@@ -67,60 +73,83 @@ EXPORT_FORMATS = ("torchvision", "detectron2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description="linear probe / kNN of a frozen backbone")
+    parser = argparse.ArgumentParser(prog=PROG, description="linear probe / kNN of a frozen backbone",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("data")  # SCAFFOLD
     group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
     group.add_argument("--data", help="image folder with train/ and val/, or synthetic[:N], cifar10, cifar100, stl10")
     group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
-    group.add_argument("--image-size", type=int, default=None, help="crop size (default: 224, 32 for CIFAR/synthetic, 96 for STL-10)")
+    group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
     group = parser.add_argument_group("model")
-    group.add_argument("-a", "--arch", default=None, help="torchvision ResNet (default: the checkpoint's, else resnet50)")
+    group.add_argument("-a", "--arch", default=None, help="torchvision ResNet; None: the checkpoint's (or the one its tensors fit), resnet50 without --pretrained")
     group.add_argument("--pretrained", default="", help="checkpoint to evaluate; none = random init")
     group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",
                        help="ResNet stem; auto: the checkpoint's (from conv1's kernel), or cifar (3×3 conv1, "
                             "no max-pool) for crops ≤ 32 px with random weights")
     group.add_argument("--knn", action="store_true", help="weighted kNN instead of a linear layer")
-    group.add_argument("--knn-k", type=int, default=200)
-    group.add_argument("--knn-t", type=float, default=0.07)
+    group.add_argument("--knn-k", type=int, default=200, help="kNN: neighbours that vote")
+    group.add_argument("--knn-t", type=float, default=0.07, help="kNN: vote temperature")
     group.add_argument("--export", default="", help="write the backbone as a torchvision state_dict here and exit")
     group.add_argument("--export-format", choices=EXPORT_FORMATS, default="torchvision",
                        help="torchvision: a state_dict (timm's ResNets use the same names); detectron2: a .pkl "
                             "of numpy arrays in detectron2's ResNet names")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--protocol", choices=PROTOCOLS, default="moco", help="sets the defaults below")
-    group.add_argument("--epochs", type=int)
-    group.add_argument("-b", "--batch-size", type=int, help="global batch over all processes")
-    group.add_argument("--lr", "--learning-rate", type=float, help="lr (simsiam protocol: for batch 256, scaled)")
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--wd", "--weight-decay", type=float)
-    group.add_argument("--schedule", type=int, nargs="*", help="lr ×0.1 at these epochs")
-    group.add_argument("--cos", action="store_true", default=None, help="cosine lr schedule")
+    group.add_argument("--protocol", choices=PROTOCOLS, default="moco", help="sets the defaults of the flags below whose default is None")
+    group.add_argument("--epochs", type=int, help="epochs to train in all; None: 100 (moco), 90 (simsiam)")
+    group.add_argument("-b", "--batch-size", type=int, help="global batch over all processes; None: 256 (moco), 4096 (simsiam)")
+    group.add_argument("--lr", "--learning-rate", type=float,
+                       help="lr (simsiam protocol: for batch 256, scaled); None: 30 (moco), 0.1 (simsiam)")
+    group.add_argument("--momentum", type=float, default=0.9, help="optimizer momentum")
+    group.add_argument("--wd", "--weight-decay", type=float, help="weight decay; None: 0 in both protocols")
+    group.add_argument("--schedule", type=int, nargs="*", help="lr ×0.1 at these epochs; None: 60 80 (moco), none (simsiam)")
+    group.add_argument("--cos", action="store_true", default=None, help="cosine lr schedule; None: off (moco), on (simsiam)")
     group = parser.add_argument_group("run")  # SCAFFOLD
-    group.add_argument("--output-dir", default="./runs/linear")
+    group.add_argument("--output-dir", default="./runs/linear", help="checkpoint.pth.tar and log.txt go here")
     group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
-    group.add_argument("--start-epoch", type=int, default=0)
+    group.add_argument("--start-epoch", type=int, default=0, help="first epoch (--resume sets it)")
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
-    group.add_argument("-p", "--print-freq", type=int, default=10)
+    group.add_argument("-p", "--print-freq", type=int, default=10, help="a progress line every N steps")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.data = args.data or args.data_pos
     if not args.data:
         parser.error("--data is required")
-    args.image_size = args.image_size or common.default_image_size(args.data)
+    args.image_size = common.default_image_size(args.data) if args.image_size is None else args.image_size
     for key, value in PROTOCOLS[args.protocol].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.export_format == "detectron2" and not args.export.endswith(".pkl"):  # detection_checkpoint.py l. 71
         parser.error("--export-format detectron2 needs --export PATH ending in .pkl: detectron2 reads a "
                      "pickle only from a .pkl file")
+    check_ranges(parser, args, [  # ResNets run at any crop ≥ 1 px with either stem (measured)
+        ("-b/--batch-size", args.batch_size >= 1, ">= 1"),
+        ("--epochs", args.epochs >= 1, ">= 1"),
+        ("--start-epoch", 0 <= args.start_epoch < args.epochs, "in [0, --epochs)"),
+        ("--lr", args.lr > 0, "> 0"),
+        ("--momentum", 0 <= args.momentum <= 1, "in [0, 1]"),
+        ("--wd", args.wd >= 0, ">= 0"),
+        ("-j/--workers", args.workers >= 0, ">= 0"),
+        ("-p/--print-freq", args.print_freq >= 1, ">= 1"),
+        ("--image-size", args.image_size >= 1, ">= 1"),
+        ("-a/--arch", args.arch in (None, *RESNETS), "a torchvision ResNet: " + ", ".join(RESNETS)),
+        ("--knn-k", args.knn_k >= 1, ">= 1"),
+        ("--knn-t", args.knn_t > 0, "> 0"),
+    ])
     return args
 
 
 class GoneFlag(argparse.Action):  # SCAFFOLD
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
+
+
+def check_ranges(parser, args, checks):  # SCAFFOLD
+    """(flag, ok, accepted range): the first flag out of its range is one argparse error line."""
+    for flag, ok, accepted in checks:
+        if not ok:  # the value: args.<the long flag's name>
+            parser.error(f"{flag} must be {accepted} (got {getattr(args, flag.split('--')[-1].replace('-', '_'))})")
 
 
 # ------------------------------------------------------------------------------------------ METHOD
@@ -144,8 +173,8 @@ class Backbone(nn.Module):
 
 def resnet(arch: str, in_channels: int, stem: str) -> nn.Module:
     """The training scripts' backbone: stem "cifar" = 3×3 stride-1 conv1 and no max-pool."""
-    if arch not in models.list_models(module=models) or not arch.startswith(("resnet", "wide_resnet", "resnext")):
-        fail(f"-a {arch} is not a torchvision ResNet")
+    if arch not in RESNETS:  # an "arch" read from a checkpoint; -a itself is checked in parse_args
+        fail(f"-a {arch} is not a torchvision ResNet: {', '.join(RESNETS)}")
     net = models.__dict__[arch]()
     if in_channels != 3 or stem == "cifar":
         kernel, stride, padding = (3, 1, 1) if stem == "cifar" else (7, 2, 3)
@@ -164,19 +193,10 @@ def stem_of(conv1_weight: torch.Tensor) -> str:
 def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
     """Reads a checkpoint (tensors only), finds the backbone by its key prefix, drops the heads.
     Returns the backbone and the state it was loaded from (for the sanity check)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        fail(f"--pretrained: no checkpoint at '{path}'")
-    except Exception as err:  # pickled code, or not a torch file
-        pickled = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", str(err))
-        fail(f"cannot read '{path}' as a tensors-only checkpoint: " + (
-            f"it pickles {pickled[1]} (code, not tensors); if you trust it, save what you need as tensors "
-            f"(e.g. its state_dict) and pass that" if pickled else str(err).strip().splitlines()[0]))
+    ckpt = read_checkpoint(path, "--pretrained")
     if not isinstance(ckpt, dict):
-        fail(f"'{path}' holds a {type(ckpt).__name__}, not a checkpoint dict")
+        fail(f"--pretrained: '{path}' holds a {type(ckpt).__name__}, not a checkpoint dict")
     state = ckpt.get("state_dict", ckpt)
-    arch = arch or ckpt.get("arch") or "resnet50"
     if "module.encoder_l.conv1.weight" in state:  # CMC: two encoders, one per view
         cmc_view = ckpt.get("args", {}).get("view", "Lab")
         layout, renames = f"CMC ({cmc_view})", [("module.encoder_l.", "encoder_l."), ("module.encoder_ab.", "encoder_ab.")]
@@ -197,6 +217,7 @@ def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
                 backbone_state[new + key[len(prefix):]] = value
                 used.add(key)
     ignored = [k for k in state if k not in used]
+    arch = arch or ckpt.get("arch") or infer_arch(path, backbone_state)
     conv1 = next(v for k, v in backbone_state.items() if k.endswith("conv1.weight") and k.count(".") == 2)
     if stem not in ("auto", stem_of(conv1)):
         fail(f"'{path}' has the {stem_of(conv1)} stem (conv1 {tuple(conv1.shape)}), not --stem {stem}")
@@ -206,15 +227,28 @@ def load_backbone(path: str, arch: str, is_main: bool, stem: str = "auto"):
         # the same weights, other features. lightly's benchmarks under `backbone.` are ImageNet-stem only.
         backbone.encoder.conv1.padding = (2, 2)
         layout += ", conv1 padding 2"
-    try:
-        backbone.load_state_dict(backbone_state)
-    except RuntimeError as err:
-        fail(f"'{path}' ({layout}) does not fit -a {arch}: {' '.join(str(err).split())[:300]}")
+    why = mismatch(backbone.state_dict(), backbone_state)
+    if why:
+        fail(f"--pretrained: '{path}' ({layout}) does not fit -a {arch}: {why}")
+    backbone.load_state_dict(backbone_state)
     if is_main:
         print(f"=> loaded '{path}': {layout}, arch {arch}, {stem_of(conv1)} stem; used {len(used)} keys "
               f"({', '.join(p for p, _ in renames) or 'no prefix'}), ignored {len(ignored)}: "
               f"{summarise(ignored)}", flush=True)
     return backbone, {k: v.clone() for k, v in backbone.state_dict().items()}
+
+
+def infer_arch(path: str, state: dict) -> str:
+    """The torchvision ResNet whose tensors have these names and shapes (conv1 aside: the stems differ), for
+    a checkpoint without an "arch" field: a plain state_dict, such as one --export wrote."""
+    body = {k.split(".", 1)[1]: tuple(v.shape) for k, v in state.items()
+            if k.startswith(("encoder.", "encoder_l.")) and not k.split(".", 1)[1].startswith("conv1.")}
+    for arch in RESNETS:
+        with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+            net = models.__dict__[arch]()
+        if body == {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith(("conv1.", "fc."))}:
+            return arch
+    fail(f"--pretrained: '{path}' has no \"arch\" and its tensors fit no torchvision ResNet; give -a")
 
 
 def summarise(keys) -> str:
@@ -292,6 +326,34 @@ def estimate_bn_statistics(backbone: nn.Module, loader, device):
             for buf in (bn.running_mean, bn.running_var):
                 dist.all_reduce(buf), buf.div_(dist.get_world_size())
     backbone.eval()
+def fingerprint(state: dict) -> str:
+    """sha1 of a backbone's tensors (names, dtypes, bytes): which weights a probe was trained on."""
+    digest = hashlib.sha1()
+    for key, value in state.items():
+        digest.update(f"{key} {value.dtype} {tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_backbone(path: str, old: dict, args):
+    """--resume: the default --output-dir is shared by every probe; continuing one on another backbone
+    would mix two runs in one checkpoint and log."""
+    same = (old["backbone_sha1"] == args.backbone_sha1 if "backbone_sha1" in old
+            else old.get("pretrained") == args.pretrained)  # a probe written before fingerprints
+    if not same:
+        seed = "" if args.pretrained else "; random weights repeat only with the same --seed"
+        fail(f"--resume: '{path}' is a probe of another backbone ({old.get('pretrained') or 'random weights'}, "
+             f"sha1 {old.get('backbone_sha1', '?')[:12]}), not of {args.pretrained or 'random weights'} "
+             f"(sha1 {args.backbone_sha1[:12]}); give each probe its own --output-dir{seed}")
+
+
+def features(backbone: nn.Module, loader, device, split: str, args, is_main: bool):
+    """All features of a split, with a progress line every --print-freq batches (ImageNet takes minutes)."""
+    progress = common.ProgressMeter(len(loader), [], prefix=f"Features ({split}): ") if is_main else None
+    try:
+        return common.extract_features(backbone, loader, device, concat_all_gather, progress, args.print_freq)
+    except common.DataError as err:
+        fail(common.data_error_message(err))
 
 
 def sanity_check(backbone: nn.Module, reference: dict):
@@ -372,7 +434,7 @@ def train_one_epoch(loader, backbone, classifier, optimizer, epoch: int, args, d
     losses = common.AverageMeter("Loss", ":.4e")
     top1, top5 = common.AverageMeter("Acc@1", ":6.2f"), common.AverageMeter("Acc@5", ":6.2f")
     progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, top1, top5],
-                                    prefix=f"Epoch: [{epoch}]")
+                                    prefix=f"Epoch: [{epoch}/{args.epochs}]")
     backbone.eval()  # frozen, BN statistics fixed
     end = time.time()
     for i, (images, target) in enumerate(loader):
@@ -433,11 +495,34 @@ def seed_everything(seed, offset: int = 0):
         torch.manual_seed(seed + offset)
 
 
+def prepare_output_dir(output_dir: str, is_main: bool):
+    """Before any work: the folder takes a file (a read-only one fails now, not after an epoch), and the
+    checkpoint.pth.tar.tmp of a save that was killed is removed."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        if is_main:
+            tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as err:
+        fail(f"--output-dir '{output_dir}' is not writable: {err.strerror or err}")
+    tmp = os.path.join(output_dir, "checkpoint.pth.tar.tmp")
+    if is_main and os.path.exists(tmp):
+        os.remove(tmp)
+        print(f"=> removed '{tmp}', left by a save that was cut off", flush=True)
+
+
 def save_checkpoint(state: dict, output_dir: str):
-    """Atomic: a crash while writing never leaves a truncated checkpoint."""
+    """Atomic: a crash while writing never leaves a truncated checkpoint. A failed write (disk full,
+    permissions) ends the run in one line, the previous checkpoint untouched."""
     path = os.path.join(output_dir, "checkpoint.pth.tar")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's zip writer on a full disk
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        free = shutil.disk_usage(output_dir).free / 2 ** 20 if os.path.isdir(output_dir) else 0
+        kept = f"the previous checkpoint '{path}' is intact" if os.path.isfile(path) else "no earlier checkpoint"
+        fail(f"--output-dir: saving epoch {state['epoch']} failed ({first_line(err)}; {free:.0f} MiB free); {kept}")
 
 
 def resume_path(args) -> str:
@@ -449,20 +534,63 @@ def resume_path(args) -> str:
     return args.resume
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer, method: str) -> int:
-    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+def first_line(err: Exception) -> str:
+    """An exception's first sentence, for a one-line message; torch's C++ location dropped
+    ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", a full disk)."""
+    text = str(err).strip().split("] . ")[-1]
+    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+
+
+def read_checkpoint(path: str, flag: str) -> dict:
+    """torch.load, tensors only. A file that is not a checkpoint is one line that names it (never the
+    advice to load it with weights_only=False, which would run any code it holds)."""
+    if not os.path.isfile(path):
+        fail(f"{flag}: no checkpoint at '{path}'")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        fail(f"cannot read checkpoint '{path}': {str(err).strip().splitlines()[0]}")
+        if os.path.getsize(path) == 0:
+            why = "the file is empty"
+        elif "WeightsUnpickler error: " in str(err):  # objects other than tensors, code included
+            why = str(err).split("WeightsUnpickler error: ")[1].split(". ")[0]
+        else:
+            why = f"not a torch.save file, or a truncated one ({type(err).__name__}: {first_line(err)})"
+        fail(f"{flag}: cannot read '{path}' as a tensors-only checkpoint: {why}")
+
+
+def mismatch(own: dict, found: dict) -> str:
+    """Why the state_dict `found` does not load into a model whose state_dict is `own`: one line, '' if it loads."""
+    def shape(key):
+        return tuple(getattr(found[key], "shape", ()))
+
+    groups = {"missing": [k for k in own if k not in found], "unexpected": [k for k in found if k not in own],
+              "other shape": [f"{k} {shape(k)} vs {tuple(v.shape)} here" for k, v in own.items()
+                              if k in found and shape(k) != tuple(v.shape)]}
+    return "; ".join(f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                     for what, keys in groups.items() if keys)
+
+
+def load_checkpoint(path: str, method: str) -> dict:
+    """--resume, read before any work: a file that is not a checkpoint of this method stops the run here."""
+    ckpt = read_checkpoint(path, "--resume")
     if not isinstance(ckpt, dict) or ckpt.get("method") != method:
         found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
         fail(f"'{path}' is not a {method} checkpoint (found: {found})")
+    return ckpt
+
+
+def restore_checkpoint(ckpt: dict, path: str, model: nn.Module, optimizer) -> int:
+    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
+    state = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", {}).items()}
+    why = mismatch(model.state_dict(), state)
+    if why:
+        fail(f"checkpoint '{path}' does not fit this model: {why} (it was saved with -a {ckpt.get('arch')} and the "
+             f"model flags in its 'args')")
     try:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+        model.load_state_dict(state)
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
-        fail(f"checkpoint '{path}' does not fit this model: {str(err).strip().splitlines()[0]}")
+        fail(f"checkpoint '{path}' does not fit this model: {first_line(err)}")
     return ckpt["epoch"]
 
 
@@ -484,7 +612,6 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = args.seed is None
     is_main = rank == 0
     seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
 
     if args.pretrained:  # METHOD
         backbone, reference = load_backbone(args.pretrained, args.arch, is_main, args.stem)
@@ -497,20 +624,41 @@ def main(argv=None):
         backbone = Backbone(args.arch, stem=stem)
         reference = None  # taken after the BN statistics are estimated, below
     args.arch, args.stem = backbone.arch, backbone.stem  # recorded in the probe's checkpoint
+    args.backbone_sha1 = fingerprint(reference or backbone.state_dict())  # which weights the probe is of: a path can be overwritten
     if args.export:
         if backbone.cmc_view:
             fail("--export writes one torchvision ResNet; a CMC checkpoint holds two encoders")
         if args.export_format == "detectron2":
             return export_detectron2(backbone, args.export, is_main)
         if is_main:
-            torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export)
+            try:  # atomic, as save_checkpoint: a full disk leaves no partial file
+                torch.save({k.removeprefix("encoder."): v for k, v in backbone.state_dict().items()}, args.export + ".tmp")
+                os.replace(args.export + ".tmp", args.export)
+            except (OSError, RuntimeError) as err:
+                if os.path.exists(args.export + ".tmp"):
+                    os.remove(args.export + ".tmp")
+                fail(f"--export: cannot write '{args.export}': {first_line(err)}")
             load = "" if backbone.stem == "imagenet" else (
                 " after setting conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity()")
             print(f"=> exported the backbone to '{args.export}': torchvision.models.{args.arch}() loads it "
-                  f"with strict=False (only fc.* missing){load}", flush=True)
+                  f"with strict=False (only fc.* missing){load}; --pretrained reads it back", flush=True)
             if backbone.encoder.conv1.padding == (2, 2):
                 print("   as solo-learn's CIFAR stem, with conv1 padding 2: nn.Conv2d(3, 64, 3, 1, 2, bias=False)", flush=True)
         return
+    if not args.knn:  # the probe's checkpoint, read before any work; a finished probe ends here (exit status 0)
+        prepare_output_dir(args.output_dir, is_main)
+        if start_path:
+            if is_main:
+                print(f"=> loading checkpoint '{start_path}'", flush=True)
+            resumed = load_checkpoint(start_path, "linear")
+            check_same_backbone(start_path, resumed.get("args", {}), args)
+            if resumed["epoch"] >= args.epochs:
+                if is_main:
+                    print(f"=> nothing to do: already at epoch {resumed['epoch']} of {args.epochs}; raise --epochs to "
+                          f"train on (best Acc@1 {resumed.get('best_acc1', float('nan')):.2f})", flush=True)
+                if ddp:
+                    dist.destroy_process_group()
+                return {key: resumed.get(key) for key in ("best_acc1", "best_epoch")}
     backbone.to(device).eval().requires_grad_(False)
 
     try:
@@ -529,19 +677,13 @@ def main(argv=None):
                                                              train=False), device)
         reference = {k: v.clone() for k, v in backbone.state_dict().items()}
     val_loader = common.build_loader(val_set, per_process, args.workers, rank, world_size, train=False)
-    try:
-        val_feats, val_labels = common.extract_features(backbone, val_loader, device, concat_all_gather)
-    except common.DataError as err:
-        fail(common.data_error_message(err))
+    val_feats, val_labels = features(backbone, val_loader, device, "val", args, is_main)
 
     if args.knn:  # Wu et al. Sec. 3.4, on the training images without augmentation
         train_plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view),
                                            args.data_root, return_index=True)
         loader = common.build_loader(train_plain, per_process, args.workers, rank, world_size, train=False)
-        try:
-            train_feats, train_labels = common.extract_features(backbone, loader, device, concat_all_gather)
-        except common.DataError as err:
-            fail(common.data_error_message(err))
+        train_feats, train_labels = features(backbone, loader, device, "train", args, is_main)
         scores = common.knn_classify(F.normalize(val_feats, dim=1), F.normalize(train_feats, dim=1),
                                      train_labels, num_classes, args.knn_k, args.knn_t)
         acc1, acc5 = common.accuracy(scores, val_labels, topk=(1, 5))
@@ -558,11 +700,8 @@ def main(argv=None):
     optimizer = build_optimizer(classifier, args)
     best = {"best_acc1": float("-inf"), "best_epoch": -1}  # official main_lincls.py: best top-1, in the checkpoint too
     if start_path:
-        if is_main:
-            print(f"=> loading checkpoint '{start_path}'", flush=True)
-        args.start_epoch = load_checkpoint(start_path, classifier, optimizer, "linear")
-        saved = torch.load(start_path, map_location="cpu", weights_only=True)
-        best = {key: saved.get(key, value) for key, value in best.items()}
+        args.start_epoch = restore_checkpoint(resumed, start_path, classifier, optimizer)
+        best = {key: resumed.get(key, value) for key, value in best.items()}
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
     if ddp:
@@ -586,21 +725,26 @@ def main(argv=None):
             best = {"best_acc1": metrics["acc1"], "best_epoch": epoch}
         metrics.update(best)
         if is_main:
-            print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}", flush=True)
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} (epoch {epoch})", flush=True)
             save_checkpoint({"method": "linear", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
                              "state_dict": {"module." + k: v for k, v in unwrap(classifier).state_dict().items()},
                              "optimizer": optimizer.state_dict(), **best}, args.output_dir)
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
+                f.write(json.dumps(metrics) + "\n")
     sanity_check(backbone, reference)
     if is_main:  # `=> linear probe: Acc@1 <last>` is parsed by other code: keep its start
         print(f"=> linear probe: Acc@1 {metrics.get('acc1', float('nan')):.2f} "
               f"Acc@5 {metrics.get('acc5', float('nan')):.2f} (last epoch); best Acc@1 {best['best_acc1']:.2f} "
-              f"(epoch {best['best_epoch']}) (backbone unchanged: sanity check passed)", flush=True)
+              f"(epoch {best['best_epoch']}) (backbone unchanged: sanity check passed); "
+              f"checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'", flush=True)
     if ddp:
         dist.destroy_process_group()
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: saves are atomic, so every checkpoint on disk is whole
+        print(f"{PROG}: interrupted; the checkpoints saved so far are intact", file=sys.stderr)
+        raise SystemExit(130)  # 128 + SIGINT, as a shell reports it

@@ -133,7 +133,7 @@ def test_pickled_hyper_parameters_are_refused_in_one_line(tmp_path):
     _, layouts = foreign_checkpoints()
     ckpt = layouts["solo-learn"][0]
     torch.save({**ckpt, "hyper_parameters": argparse.Namespace(lr=0.3)}, tmp_path / "pickled.ckpt")
-    with pytest.raises(SystemExit, match=r"as a tensors-only checkpoint: it pickles argparse\.Namespace") as err:
+    with pytest.raises(SystemExit, match=r"as a tensors-only checkpoint: .*argparse\.Namespace") as err:
         linear_eval.load_backbone(str(tmp_path / "pickled.ckpt"), "resnet18", True)
     assert "\n" not in str(err.value)
 

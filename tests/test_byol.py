@@ -262,7 +262,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 16
     # 64 images, global batch 16: 4 steps of 8 images per rank; only rank 0 prints; K counts global steps
-    assert proc.stdout.count(f"Epoch: [0][0/{STEPS}]") == 1
+    assert proc.stdout.count(f"Epoch: [0/1][0/{STEPS}]") == 1
     assert ckpt["tau"] == pytest.approx(byol.target_tau(STEPS - 1, STEPS, 0.996), abs=1e-12)
 
 
@@ -287,7 +287,7 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path, 
     capsys.readouterr()
     byol.main(TINY + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
     stdout = capsys.readouterr().out
-    assert "(epoch 1)" in stdout and "Epoch: [1]" in stdout and "Epoch: [0]" not in stdout
+    assert "(epoch 1)" in stdout and "Epoch: [1/2]" in stdout and "Epoch: [0/2]" not in stdout
     a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert any(k.startswith("module.target_encoder.") for k in a["state_dict"])

@@ -300,7 +300,7 @@ def test_one_process_run_checkpoint_resume_and_linear_probe(tmp_path, capsys):
 
     cmc.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
     out = capsys.readouterr().out
-    assert "(epoch 1)" in out and "Epoch: [1]" in out and "Epoch: [0]" not in out
+    assert "(epoch 1)" in out and "Epoch: [1/2]" in out and "Epoch: [0/2]" not in out
     assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
 
 
@@ -310,7 +310,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 32
     # 256 images, global batch 32: 8 steps of 16 images per rank; only rank 0 prints
-    assert proc.stdout.count("Epoch: [0][0/8]") == 1
+    assert proc.stdout.count("Epoch: [0/1][0/8]") == 1
     assert float(ckpt["state_dict"]["module.Z_l"]) > 0
 
 

@@ -199,7 +199,7 @@ def test_one_process_run_checkpoint_and_resume(pretrained, tmp_path, capsys):
     shutil.copytree(out, tmp_path / "run")
     insdis.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
     stdout = capsys.readouterr().out
-    assert "(epoch 1)" in stdout and "Epoch: [1]" in stdout and "Epoch: [0]" not in stdout
+    assert "(epoch 1)" in stdout and "Epoch: [1/2]" in stdout and "Epoch: [0/2]" not in stdout
     resumed = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
     assert resumed["epoch"] == 2 and torch.equal(resumed["state_dict"]["module.Z"], state["module.Z"])
 
@@ -210,7 +210,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and float(ckpt["state_dict"]["module.Z"]) > 0
     # 128 images, global batch 32: 4 steps of 16 images per rank; only rank 0 prints
-    assert proc.stdout.count("Epoch: [0][0/4]") == 1 and proc.stdout.count(" * kNN Acc@1") == 1
+    assert proc.stdout.count("Epoch: [0/1][0/4]") == 1 and proc.stdout.count(" * kNN Acc@1") == 1
 
 
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):

@@ -220,7 +220,7 @@ def test_one_process_run_checkpoint_and_resume(tmp_path):
     proc = run_script("moco.py", *TINY, "--epochs", "2", "--bn-splits", "2", "--mlp", "--aug-plus",
                       "--cos", "--output-dir", tmp_path, "--resume", "auto")
     assert proc.returncode == 0, proc.stderr
-    assert "(epoch 1)" in proc.stdout and "Epoch: [1]" in proc.stdout and "Epoch: [0]" not in proc.stdout
+    assert "(epoch 1)" in proc.stdout and "Epoch: [1/2]" in proc.stdout and "Epoch: [0/2]" not in proc.stdout
     assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
 
 
@@ -230,7 +230,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 32
     # 256 images, global batch 32: 8 steps of 16 images per rank; only rank 0 prints
-    assert proc.stdout.count("Epoch: [0][0/8]") == 1
+    assert proc.stdout.count("Epoch: [0/1][0/8]") == 1
 
 
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):

@@ -278,7 +278,7 @@ def test_one_process_run_checkpoint_and_resume(pretrained):
     assert first.returncode == 0, first.stderr
     assert "=> creating model 'resnet18'" in first.stdout and "Acc@1" in first.stdout and "Acc@5" in first.stdout
     assert second.returncode == 0, second.stderr
-    assert "(epoch 1)" in second.stdout and "Epoch: [1]" in second.stdout and "Epoch: [0]" not in second.stdout
+    assert "(epoch 1)" in second.stdout and "Epoch: [1/2]" in second.stdout and "Epoch: [0/2]" not in second.stdout
     ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["method"] == "simclr" and ckpt["epoch"] == 2 and ckpt["arch"] == "resnet18"
     assert all(k.startswith("module.encoder.") for k in ckpt["state_dict"])
@@ -315,7 +315,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 16
     assert all(k.startswith("module.encoder.") for k in ckpt["state_dict"])
     # 64 images, global batch 16: 4 steps of 8 images per rank; only rank 0 prints
-    assert proc.stdout.count("Epoch: [0][0/4]") == 1
+    assert proc.stdout.count("Epoch: [0/1][0/4]") == 1
 
 
 def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):

@@ -216,7 +216,7 @@ def test_one_process_command_line_resumes(one_epoch, tmp_path):
     proc = run_script("simsiam.py", *TINY, "--epochs", "2", "--output-dir", tmp_path / "run", "--resume", path)
     assert proc.returncode == 0, proc.stderr
     assert f"=> loading checkpoint '{path}'" in proc.stdout and f"=> loaded checkpoint '{path}' (epoch 1)" in proc.stdout
-    assert "Epoch: [1][0/2]" in proc.stdout and "Epoch: [0]" not in proc.stdout and "Std(z)" in proc.stdout
+    assert "Epoch: [1/2][0/2]" in proc.stdout and "Epoch: [0/2]" not in proc.stdout and "Std(z)" in proc.stdout
     assert torch.load(path, weights_only=True)["epoch"] == 2
     assert len((tmp_path / "run" / "log.txt").read_text().splitlines()) == 2
 
@@ -224,7 +224,7 @@ def test_one_process_command_line_resumes(one_epoch, tmp_path):
 def test_two_process_run_with_torchrun(tmp_path):
     proc = run_script("simsiam.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("Epoch: [0][0/2]") == 1  # 64 images, global batch 32: 2 steps of 16 a rank; rank 0 prints
+    assert proc.stdout.count("Epoch: [0/1][0/2]") == 1  # 64 images, global batch 32: 2 steps of 16 a rank; rank 0 prints
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == 1 and all(k.startswith(("module.encoder.", "module.predictor.")) for k in ckpt["state_dict"])
     check_param_groups(ckpt, INIT_LR)  # init_lr from the global batch 32, not the per-process 16
