@@ -3,10 +3,11 @@
 Meters: `AverageMeter`, `ProgressMeter` (the official MoCo progress lines), `accuracy`, and the
 weighted kNN classifier (`extract_features`, `knn_classify`) shared by `linear_eval.py --knn` and
 the online kNN monitor of every training script.
-Data: `build_dataset` (`--data`), `build_loader` (DistributedSampler + set_epoch), the evaluation
+Data: `build_dataset` (`--data`), `build_loader` (`ResumableSampler` + set_epoch), the evaluation
 view (`eval_transform`), the multi-view transform, the augmentation ops torchvision lacks in the papers' exact form, colour conversions
 for CMC, and the built-in `synthetic` dataset.
 """
+import itertools
 import os
 import random
 
@@ -389,6 +390,22 @@ class SeededViews(torch.utils.data.Dataset):
                 random.setstate(state)
 
 
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """A DistributedSampler whose epoch can start part-way: `set_epoch(epoch, start)` skips the first
+    `start` of this rank's indices of that epoch (a run resumed after `start / batch` steps). len()
+    stays the whole epoch's, so the loader's len(), the progress lines and per-step schedules count
+    from the epoch's start."""
+
+    start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+
 def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: int,
                  train: bool = True, seed=None):
     """DataLoader over this process's shard. One process is world size 1 of the same code path:
@@ -397,8 +414,8 @@ def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: 
     the process's random initial seed), its order from `seed or 0` (the same on every rank).
     An evaluation loader (train=False) draws its worker seeds from its own generator, so iterating
     it leaves the global RNG of the training stream untouched."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                                  shuffle=train, seed=seed or 0, drop_last=train)
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed or 0,
+                               drop_last=train)
     if train:
         dataset = SeededViews(dataset, sampler, torch.initial_seed() if seed is None else seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,

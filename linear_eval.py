@@ -30,6 +30,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -110,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0, help="first epoch (--resume sets it)")
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10, help="a progress line every N steps")
+    group.add_argument("--save-every-steps", type=int, default=0,
+                       help="also write the checkpoint every N steps of an epoch (0: at epoch ends and on a stop signal)")
+    group.add_argument("--save-every-minutes", type=float, default=0,
+                       help="also write it every M minutes (under torchrun checked every --print-freq steps; 0: off)")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -429,7 +434,7 @@ def adjust_learning_rate(optimizer, epoch: int, args):
         group["lr"] = lr
 
 
-def train_one_epoch(loader, backbone, classifier, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+def train_one_epoch(loader, backbone, classifier, optimizer, epoch: int, args, device, is_main: bool, preempt=None) -> dict:
     batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
     losses = common.AverageMeter("Loss", ":.4e")
     top1, top5 = common.AverageMeter("Acc@1", ":6.2f"), common.AverageMeter("Acc@5", ":6.2f")
@@ -437,7 +442,7 @@ def train_one_epoch(loader, backbone, classifier, optimizer, epoch: int, args, d
                                     prefix=f"Epoch: [{epoch}/{args.epochs}]")
     backbone.eval()  # frozen, BN statistics fixed
     end = time.time()
-    for i, (images, target) in enumerate(loader):
+    for i, (images, target) in preempt.steps(loader, epoch) if preempt else enumerate(loader):
         data_time.update(time.time() - end)
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.no_grad():
@@ -594,6 +599,106 @@ def restore_checkpoint(ckpt: dict, path: str, model: nn.Module, optimizer) -> in
     return ckpt["epoch"]
 
 
+EXIT_STOPPED = 75  # a stop signal ended the run after writing a checkpoint (sysexits EX_TEMPFAIL: run it again)
+
+
+class Preemption:
+    """Stop at a step, resume there bit for bit (README: Preemption and resume). SIGTERM, SIGUSR1 and
+    SIGINT set a flag: the step in flight finishes, rank 0 writes a checkpoint of (epoch, step), every
+    rank exits with EXIT_STOPPED. Under torchrun the ranks agree on the flag every --print-freq steps,
+    where the loop syncs anyway. A mid-epoch checkpoint holds every rank's RNG states (MoCo's shuffle,
+    the NCE noise): saving them, not reseeding every step, leaves a run never stopped as it was. A
+    resumed epoch skips the samples it trained on (views are a function of (seed, epoch, index))."""
+
+    def __init__(self, args, checkpoint, is_main: bool, device):
+        self.args, self.checkpoint, self.is_main, self.device = args, checkpoint, is_main, device
+        self.epoch, self.step, self.rng = 0, 0, None  # where the run starts; this rank's RNG states mid-epoch
+        self.flag, self.last_save = False, time.time()
+        # forked loader workers inherit the handler, so a signal to the whole process group leaves them running
+        self.handlers = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.flag = True  # a second signal (torchrun forwards its own) changes nothing
+
+    def close(self):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+    def resume(self, ckpt: dict) -> int:
+        """Continue from a checkpoint's (epoch, step); returns the epoch. Mid-epoch, the samples and RNG
+        streams are per rank: another world size or global batch is refused."""
+        self.epoch, self.step = ckpt["epoch"], ckpt.get("step", 0)
+        rank, world_size = rank_and_world()
+        if self.step:
+            saved = (ckpt["world_size"], ckpt["args"]["batch_size"])
+            if saved != (world_size, self.args.batch_size):
+                fail(f"the checkpoint stopped mid-epoch (epoch {self.epoch} step {self.step}) with {saved[0]} "
+                     f"process(es) and global batch {saved[1]}; resume it with the same, not {world_size} and "
+                     f"{self.args.batch_size}")
+            self.rng = ckpt["rng"][rank]
+        return self.epoch
+
+    def steps(self, loader, epoch: int):
+        """(step, batch) of `epoch` from where the run stands, with the checks between steps."""
+        start = self.step if epoch == self.epoch else 0
+        if start:
+            loader.sampler.set_epoch(epoch, start * loader.batch_size)
+        batches = enumerate(loader, start)  # making the iterator draws its worker seed from the RNG
+        if start:
+            torch.set_rng_state(self.rng["torch"])
+            random.setstate(self.rng["random"])
+            if "cuda" in self.rng:
+                torch.cuda.set_rng_state(self.rng["cuda"], self.device)
+        for i, batch in batches:
+            yield i, batch
+            if i + 1 < len(loader):  # after the last step main saves and calls epoch_done
+                self.check(epoch, i + 1, sync=i % self.args.print_freq == 0)
+
+    def check(self, epoch: int, step: int, sync: bool):
+        """After `step` steps of `epoch`: save when due, stop when flagged."""
+        minutes = self.args.save_every_minutes
+        stop, due = self.flag, minutes > 0 and time.time() - self.last_save >= 60 * minutes
+        if dist.is_initialized():  # a rank acts only on what all ranks agreed on
+            stop, due = self.agree(stop, due) if sync else (False, False)
+        if stop or due or (self.args.save_every_steps > 0 and step % self.args.save_every_steps == 0):
+            self.save(epoch, step)
+        if stop:
+            self.exit(epoch, step)
+
+    def epoch_done(self, epoch: int):
+        """After the epoch-boundary checkpoint: stop if flagged and epochs are left."""
+        self.last_save = time.time()
+        stop = self.agree(self.flag)[0] if dist.is_initialized() else self.flag
+        if stop and epoch < self.args.epochs:
+            self.exit(epoch, 0)
+
+    def agree(self, *flags) -> list:
+        flags = torch.tensor(flags, dtype=torch.float32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(flag) for flag in flags.tolist()]
+
+    def save(self, epoch: int, step: int):
+        rng = {"torch": torch.get_rng_state(), "random": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rngs = [rng]
+        if dist.is_initialized():
+            rngs = [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, rng)
+        if self.is_main:
+            save_checkpoint({**self.checkpoint(epoch, step), "world_size": len(rngs), "rng": rngs}, self.args.output_dir)
+        self.last_save = time.time()
+
+    def exit(self, epoch: int, step: int):
+        if dist.is_initialized():
+            dist.barrier()  # no rank leaves before the checkpoint is written
+            dist.destroy_process_group()
+        self.close()
+        if self.is_main:
+            print(f"stopped at epoch {epoch} step {step}; continue with --resume auto", flush=True)
+        raise SystemExit(EXIT_STOPPED)
+
+
 def main(argv=None):
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -699,8 +804,16 @@ def main(argv=None):
     args.init_lr = args.lr * args.batch_size / 256 if args.protocol == "simsiam" else args.lr
     optimizer = build_optimizer(classifier, args)
     best = {"best_acc1": float("-inf"), "best_epoch": -1}  # official main_lincls.py: best top-1, in the checkpoint too
+
+    def checkpoint(epoch: int, step: int = 0) -> dict:  # SCAFFOLD: the run after `step` steps of `epoch`
+        return {"method": "linear", "arch": args.arch, "epoch": epoch, "step": step, "args": vars(args),
+                "state_dict": {"module." + k: v for k, v in unwrap(classifier).state_dict().items()},
+                "optimizer": optimizer.state_dict(), **best}
+
+    preempt = Preemption(args, checkpoint, is_main, device)  # SCAFFOLD: a stop signal now ends the run at a step
     if start_path:
-        args.start_epoch = restore_checkpoint(resumed, start_path, classifier, optimizer)
+        restore_checkpoint(resumed, start_path, classifier, optimizer)
+        args.start_epoch = preempt.resume(resumed)
         best = {key: resumed.get(key, value) for key, value in best.items()}
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
@@ -715,7 +828,7 @@ def main(argv=None):
         seed_everything(args.seed, 1000 * (epoch + 1) + rank)
         adjust_learning_rate(optimizer, epoch, args)
         try:
-            metrics = train_one_epoch(train_loader, backbone, classifier, optimizer, epoch, args, device, is_main)
+            metrics = train_one_epoch(train_loader, backbone, classifier, optimizer, epoch, args, device, is_main, preempt)
         except common.DataError as err:
             fail(common.data_error_message(err))
         with torch.no_grad():  # the backbone is frozen, so the validation features were computed once
@@ -726,11 +839,11 @@ def main(argv=None):
         metrics.update(best)
         if is_main:
             print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} (epoch {epoch})", flush=True)
-            save_checkpoint({"method": "linear", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
-                             "state_dict": {"module." + k: v for k, v in unwrap(classifier).state_dict().items()},
-                             "optimizer": optimizer.state_dict(), **best}, args.output_dir)
+            save_checkpoint(checkpoint(epoch + 1), args.output_dir)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
                 f.write(json.dumps(metrics) + "\n")
+        preempt.epoch_done(epoch + 1)
+    preempt.close()
     sanity_check(backbone, reference)
     if is_main:  # `=> linear probe: Acc@1 <last>` is parsed by other code: keep its start
         print(f"=> linear probe: Acc@1 {metrics.get('acc1', float('nan')):.2f} "

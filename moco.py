@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -75,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start-epoch", type=int, default=0, help="first epoch (--resume sets it)")
     group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
     group.add_argument("-p", "--print-freq", type=int, default=10, help="a progress line every N steps")
+    group.add_argument("--save-every-steps", type=int, default=0,
+                       help="also write the checkpoint every N steps of an epoch (0: at epoch ends and on a stop signal)")
+    group.add_argument("--save-every-minutes", type=float, default=0,
+                       help="also write it every M minutes (under torchrun checked every --print-freq steps; 0: off)")
     group.add_argument("--knn-every", type=int, default=None,
                        help="kNN monitor every N epochs, 0 = off; None: 1 for synthetic, CIFAR and STL-10, 0 for "
                             "image folders (each time it embeds the train and val splits, forward only)")
@@ -302,7 +307,7 @@ def batch_unshuffle(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tenso
     return concat_all_gather(x)[idx_unshuffle.view(world_size, -1)[rank]]
 
 
-def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool) -> dict:
+def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool, preempt=None) -> dict:
     batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
     losses = common.AverageMeter("Loss", ":.4e")
     top1, top5 = common.AverageMeter("Acc@1", ":6.2f"), common.AverageMeter("Acc@5", ":6.2f")
@@ -310,7 +315,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
                                     prefix=f"Epoch: [{epoch}/{args.epochs}]")
     model.train()
     end = time.time()
-    for i, (images, _) in enumerate(loader):
+    for i, (images, _) in preempt.steps(loader, epoch) if preempt else enumerate(loader):
         data_time.update(time.time() - end)
         im_q, im_k = (x.to(device, non_blocking=True) for x in images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
@@ -464,6 +469,106 @@ def restore_checkpoint(ckpt: dict, path: str, model: nn.Module, optimizer) -> in
     return ckpt["epoch"]
 
 
+EXIT_STOPPED = 75  # a stop signal ended the run after writing a checkpoint (sysexits EX_TEMPFAIL: run it again)
+
+
+class Preemption:
+    """Stop at a step, resume there bit for bit (README: Preemption and resume). SIGTERM, SIGUSR1 and
+    SIGINT set a flag: the step in flight finishes, rank 0 writes a checkpoint of (epoch, step), every
+    rank exits with EXIT_STOPPED. Under torchrun the ranks agree on the flag every --print-freq steps,
+    where the loop syncs anyway. A mid-epoch checkpoint holds every rank's RNG states (MoCo's shuffle,
+    the NCE noise): saving them, not reseeding every step, leaves a run never stopped as it was. A
+    resumed epoch skips the samples it trained on (views are a function of (seed, epoch, index))."""
+
+    def __init__(self, args, checkpoint, is_main: bool, device):
+        self.args, self.checkpoint, self.is_main, self.device = args, checkpoint, is_main, device
+        self.epoch, self.step, self.rng = 0, 0, None  # where the run starts; this rank's RNG states mid-epoch
+        self.flag, self.last_save = False, time.time()
+        # forked loader workers inherit the handler, so a signal to the whole process group leaves them running
+        self.handlers = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.flag = True  # a second signal (torchrun forwards its own) changes nothing
+
+    def close(self):
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, handler)
+
+    def resume(self, ckpt: dict) -> int:
+        """Continue from a checkpoint's (epoch, step); returns the epoch. Mid-epoch, the samples and RNG
+        streams are per rank: another world size or global batch is refused."""
+        self.epoch, self.step = ckpt["epoch"], ckpt.get("step", 0)
+        rank, world_size = rank_and_world()
+        if self.step:
+            saved = (ckpt["world_size"], ckpt["args"]["batch_size"])
+            if saved != (world_size, self.args.batch_size):
+                fail(f"the checkpoint stopped mid-epoch (epoch {self.epoch} step {self.step}) with {saved[0]} "
+                     f"process(es) and global batch {saved[1]}; resume it with the same, not {world_size} and "
+                     f"{self.args.batch_size}")
+            self.rng = ckpt["rng"][rank]
+        return self.epoch
+
+    def steps(self, loader, epoch: int):
+        """(step, batch) of `epoch` from where the run stands, with the checks between steps."""
+        start = self.step if epoch == self.epoch else 0
+        if start:
+            loader.sampler.set_epoch(epoch, start * loader.batch_size)
+        batches = enumerate(loader, start)  # making the iterator draws its worker seed from the RNG
+        if start:
+            torch.set_rng_state(self.rng["torch"])
+            random.setstate(self.rng["random"])
+            if "cuda" in self.rng:
+                torch.cuda.set_rng_state(self.rng["cuda"], self.device)
+        for i, batch in batches:
+            yield i, batch
+            if i + 1 < len(loader):  # after the last step main saves and calls epoch_done
+                self.check(epoch, i + 1, sync=i % self.args.print_freq == 0)
+
+    def check(self, epoch: int, step: int, sync: bool):
+        """After `step` steps of `epoch`: save when due, stop when flagged."""
+        minutes = self.args.save_every_minutes
+        stop, due = self.flag, minutes > 0 and time.time() - self.last_save >= 60 * minutes
+        if dist.is_initialized():  # a rank acts only on what all ranks agreed on
+            stop, due = self.agree(stop, due) if sync else (False, False)
+        if stop or due or (self.args.save_every_steps > 0 and step % self.args.save_every_steps == 0):
+            self.save(epoch, step)
+        if stop:
+            self.exit(epoch, step)
+
+    def epoch_done(self, epoch: int):
+        """After the epoch-boundary checkpoint: stop if flagged and epochs are left."""
+        self.last_save = time.time()
+        stop = self.agree(self.flag)[0] if dist.is_initialized() else self.flag
+        if stop and epoch < self.args.epochs:
+            self.exit(epoch, 0)
+
+    def agree(self, *flags) -> list:
+        flags = torch.tensor(flags, dtype=torch.float32, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [bool(flag) for flag in flags.tolist()]
+
+    def save(self, epoch: int, step: int):
+        rng = {"torch": torch.get_rng_state(), "random": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rngs = [rng]
+        if dist.is_initialized():
+            rngs = [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, rng)
+        if self.is_main:
+            save_checkpoint({**self.checkpoint(epoch, step), "world_size": len(rngs), "rng": rngs}, self.args.output_dir)
+        self.last_save = time.time()
+
+    def exit(self, epoch: int, step: int):
+        if dist.is_initialized():
+            dist.barrier()  # no rank leaves before the checkpoint is written
+            dist.destroy_process_group()
+        self.close()
+        if self.is_main:
+            print(f"stopped at epoch {epoch} step {step}; continue with --resume auto", flush=True)
+        raise SystemExit(EXIT_STOPPED)
+
+
 def main(argv=None):
     args = parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -520,8 +625,16 @@ def main(argv=None):
     if args.channels_last:  # SCAFFOLD
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+
+    def checkpoint(epoch: int, step: int = 0) -> dict:  # SCAFFOLD: the run after `step` steps of `epoch`
+        return {"method": "moco", "arch": args.arch, "epoch": epoch, "step": step, "args": vars(args),
+                "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                "optimizer": optimizer.state_dict()}
+
+    preempt = Preemption(args, checkpoint, is_main, device)  # SCAFFOLD: a stop signal now ends the run at a step
     if start_path:
-        args.start_epoch = restore_checkpoint(resumed, start_path, model, optimizer)
+        restore_checkpoint(resumed, start_path, model, optimizer)
+        args.start_epoch = preempt.resume(resumed)
         del resumed  # its tensors are the model's and the optimizer's now
         if is_main:
             print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
@@ -536,7 +649,7 @@ def main(argv=None):
         seed_everything(args.seed, 1000 * (epoch + 1) + rank)
         adjust_learning_rate(optimizer, epoch, args)
         try:
-            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main)
+            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main, preempt)
             if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
                 start = time.time()
                 metrics["knn_acc1"] = knn_monitor(model, knn_data, device, args)
@@ -546,11 +659,11 @@ def main(argv=None):
         except common.DataError as err:
             fail(common.data_error_message(err))
         if is_main:
-            save_checkpoint({"method": "moco", "arch": args.arch, "epoch": epoch + 1, "args": vars(args),
-                             "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
-                             "optimizer": optimizer.state_dict()}, args.output_dir)
+            save_checkpoint(checkpoint(epoch + 1), args.output_dir)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
                 f.write(json.dumps(metrics) + "\n")
+        preempt.epoch_done(epoch + 1)
+    preempt.close()
     if is_main:
         print(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'",
               flush=True)

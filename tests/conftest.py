@@ -1,5 +1,6 @@
 """Test helpers: import the scripts as modules, run 2-process gloo groups, run the real command lines."""
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -58,3 +59,14 @@ def run_script(script: str, *args, nproc: int = 0, timeout: int = 600) -> subpro
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """A script's main() catches SIGTERM, SIGUSR1 and SIGINT while it trains (Preemption) and gives them back
+    when it ends or stops; a run that fails half-way leaves them set: put them back after every test."""
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    handlers = [signal.getsignal(s) for s in signals]
+    yield
+    for s, handler in zip(signals, handlers):
+        signal.signal(s, handler)

@@ -156,3 +156,13 @@ def test_two_workers_load_the_same_batches_as_the_main_process():
         batches.append([views for views, _ in loader])
     for (a1, a2), (b1, b2) in zip(*batches):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
+def test_resumable_sampler_skips_the_first_indices_of_one_epoch_only():
+    sampler = common.ResumableSampler(range(50), num_replicas=2, rank=1, shuffle=True, seed=3, drop_last=True)
+    sampler.set_epoch(4)
+    whole = list(sampler)
+    sampler.set_epoch(4, start=10)  # a run resumed after 2 steps of 5 images on this rank
+    assert list(sampler) == whole[10:] and len(sampler) == len(whole) == 25  # len(): the whole epoch
+    sampler.set_epoch(5)
+    assert len(list(sampler)) == 25  # the next epoch starts at its beginning
