@@ -6,7 +6,7 @@ image; the encoder is trained so that an image's feature picks out its own bank 
 (the non-parametric softmax, Eq. 2). The N-way softmax is approximated by NCE against K rows drawn
 uniformly from the bank (Eq. 4-7) with a normalisation constant Z fixed after the first batch
 (Eq. 8); --softmax uses the (K+1)-way cross-entropy instead. Each step moves the batch's bank rows
-towards the new features. Progress is monitored with a weighted kNN on the bank (Sec. 3.4).
+towards the new features. Progress: the online kNN monitor on the backbone (Sec. 3.4's weighted kNN).
 
     python insdis.py --data synthetic:2500 -a resnet18 -b 64 --epochs 2 --stem imagenet -j 2 --seed 0 --nce-k 512 --softmax  # 2 CPU cores (README: Results)
     torchrun --nproc_per_node=4 insdis.py --data /imagenet                                 # paper: NCE, K 4096
