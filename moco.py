@@ -109,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("--wd", args.wd >= 0, ">= 0"),
         ("-j/--workers", args.workers >= 0, ">= 0"),
         ("-p/--print-freq", args.print_freq >= 1, ">= 1"),
+        ("--save-every-steps", args.save_every_steps >= 0, ">= 0 (0: off)"),
+        ("--save-every-minutes", args.save_every_minutes >= 0, ">= 0 (0: off)"),
         ("--image-size", args.image_size >= 1, ">= 1"),
         ("-a/--arch", args.arch in RESNETS, "a torchvision ResNet: " + ", ".join(RESNETS)),
     ])

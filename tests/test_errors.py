@@ -115,6 +115,8 @@ SHARED = [  # (flag, value, what the error line says)
     ("--start-epoch", "-1", "--start-epoch must be in [0, --epochs) (got -1)"),
     ("--start-epoch", "1", "--start-epoch must be in [0, --epochs) (got 1)"),  # --epochs 1
     ("-p", "0", "-p/--print-freq must be >= 1"),
+    ("--save-every-steps", "-1", "--save-every-steps must be >= 0 (0: off) (got -1)"),
+    ("--save-every-minutes", "-0.5", "--save-every-minutes must be >= 0 (0: off)"),
     ("--image-size", "0", "--image-size must be >= 1 (got 0)"),
     ("-a", "vit_b_16", "-a/--arch must be a torchvision ResNet: resnet18, resnet34, resnet50, resnet101, resnet152, "
                        "resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2 (got vit_b_16)"),
