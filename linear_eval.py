@@ -319,6 +319,7 @@ def estimate_bn_statistics(backbone: nn.Module, loader, device):
     synthetic:2500, kNN 59.6 % against 66.0 %), and a run that only updated its BN statistics would
     seem to have learned."""
     bns = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats(), setattr(bn, "momentum", None)
     backbone.to(device).train()
@@ -327,8 +328,8 @@ def estimate_bn_statistics(backbone: nn.Module, loader, device):
             backbone(images.to(device, non_blocking=True))
     except common.DataError as err:
         fail(common.data_error_message(err))
-    for bn in bns:
-        bn.momentum = 0.1
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
         if dist.is_initialized():
             for buf in (bn.running_mean, bn.running_var):
                 dist.all_reduce(buf), buf.div_(dist.get_world_size())
