@@ -826,27 +826,29 @@ def main(argv=None):
                                        train=True, seed=args.seed)
 
     metrics = dict(best)
-    for epoch in range(args.start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
-        adjust_learning_rate(optimizer, epoch, args)
-        try:
-            metrics = train_one_epoch(train_loader, backbone, classifier, optimizer, epoch, args, device, is_main, preempt)
-        except common.DataError as err:
-            fail(common.data_error_message(err))
-        with torch.no_grad():  # the backbone is frozen, so the validation features were computed once
-            acc1, acc5 = common.accuracy(classifier(val_feats), val_labels, topk=(1, 5))
-        metrics.update(acc1=float(acc1), acc5=float(acc5))
-        if metrics["acc1"] > best["best_acc1"]:
-            best = {"best_acc1": metrics["acc1"], "best_epoch": epoch}
-        metrics.update(best)
-        if is_main:
-            print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} (epoch {epoch})", flush=True)
-            save_checkpoint(checkpoint(epoch + 1), args.output_dir)
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
-                f.write(json.dumps(metrics) + "\n")
-        preempt.epoch_done(epoch + 1)
-    preempt.close()
+    try:  # SCAFFOLD: a run that fails (a NaN loss, a bad image) still gives the signals back
+        for epoch in range(args.start_epoch, args.epochs):
+            train_loader.sampler.set_epoch(epoch)
+            seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+            adjust_learning_rate(optimizer, epoch, args)
+            try:
+                metrics = train_one_epoch(train_loader, backbone, classifier, optimizer, epoch, args, device, is_main, preempt)
+            except common.DataError as err:
+                fail(common.data_error_message(err))
+            with torch.no_grad():  # the backbone is frozen, so the validation features were computed once
+                acc1, acc5 = common.accuracy(classifier(val_feats), val_labels, topk=(1, 5))
+            metrics.update(acc1=float(acc1), acc5=float(acc5))
+            if metrics["acc1"] > best["best_acc1"]:
+                best = {"best_acc1": metrics["acc1"], "best_epoch": epoch}
+            metrics.update(best)
+            if is_main:
+                print(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} (epoch {epoch})", flush=True)
+                save_checkpoint(checkpoint(epoch + 1), args.output_dir)
+                with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
+                    f.write(json.dumps(metrics) + "\n")
+            preempt.epoch_done(epoch + 1)
+    finally:
+        preempt.close()
     sanity_check(backbone, reference)
     if is_main:  # `=> linear probe: Acc@1 <last>` is parsed by other code: keep its start
         print(f"=> linear probe: Acc@1 {metrics.get('acc1', float('nan')):.2f} "

@@ -574,26 +574,28 @@ def main(argv=None):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
                                                     **{no_sync: False})
 
-    for epoch in range(args.start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
-        seed_everything(args.seed, 1000 * (epoch + 1) + rank)
-        adjust_learning_rate(optimizer, epoch, args)
-        try:
-            metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main, preempt)
-            if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                start = time.time()
-                metrics["knn_acc1"] = knn_monitor(model, knn_data, device, args)
-                if is_main:
-                    print(f" * kNN Acc@1 {metrics['knn_acc1']:.2f} (epoch {epoch}, backbone, k={args.knn_k}, "
-                          f"T={args.knn_t}, {time.time() - start:.1f} s)", flush=True)
-        except common.DataError as err:
-            fail(common.data_error_message(err))
-        if is_main:
-            save_checkpoint(checkpoint(epoch + 1), args.output_dir)
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
-                f.write(json.dumps(metrics) + "\n")
-        preempt.epoch_done(epoch + 1)
-    preempt.close()
+    try:  # SCAFFOLD: a run that fails (a NaN loss, a bad image) still gives the signals back
+        for epoch in range(args.start_epoch, args.epochs):
+            loader.sampler.set_epoch(epoch)
+            seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+            adjust_learning_rate(optimizer, epoch, args)
+            try:
+                metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main, preempt)
+                if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                    start = time.time()
+                    metrics["knn_acc1"] = knn_monitor(model, knn_data, device, args)
+                    if is_main:
+                        print(f" * kNN Acc@1 {metrics['knn_acc1']:.2f} (epoch {epoch}, backbone, k={args.knn_k}, "
+                              f"T={args.knn_t}, {time.time() - start:.1f} s)", flush=True)
+            except common.DataError as err:
+                fail(common.data_error_message(err))
+            if is_main:
+                save_checkpoint(checkpoint(epoch + 1), args.output_dir)
+                with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
+                    f.write(json.dumps(metrics) + "\n")
+            preempt.epoch_done(epoch + 1)
+    finally:
+        preempt.close()
     if is_main:
         print(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'",
               flush=True)

@@ -1,4 +1,5 @@
 """Checks of the scaffold every script shares, parametrized over the six pre-training scripts."""
+import signal
 from typing import Callable, NamedTuple
 
 import pytest
@@ -92,9 +93,11 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(name, tmp_path, monkeypatc
     before = (tmp_path / "checkpoint.pth.tar").read_bytes()
     log_before = (tmp_path / "log.txt").read_text()
     monkeypatch.setattr(script.module, script.loss, script.nan_loss(getattr(script.module, script.loss)))
+    handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]
     with pytest.raises(SystemExit) as err:
         script.module.main(script.tiny + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
     assert str(err.value).startswith(f"{name}.py: loss is nan at epoch 1 step 0; stopped")
+    assert handlers == [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]  # given back
     assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
     assert (tmp_path / "log.txt").read_text() == log_before
 
