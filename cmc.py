@@ -63,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--nce-t", "--nce_t", type=float, default=0.07, help="temperature τ (Eq. 4)")
     group.add_argument("--nce-m", "--nce_m", type=float, default=0.5, help="memory-bank momentum")
     group.add_argument("--softmax", action="store_true", help="(K+1)-way softmax cross-entropy instead of NCE")
+    group.add_argument("--bank-init", choices=["random", "features"], default="random",
+                       help="random: random unit rows (official); features: the initial encoders' features of every "
+                            "image, so the first epoch's positives are not random (short runs)")
     group.add_argument("--crop-min", "--crop_low", type=float, default=0.2,
                        help="smallest crop area (official, ResNets on ImageNet: 0.08)")
     group = parser.add_argument_group("optimisation")
@@ -204,6 +207,19 @@ class CMC(nn.Module):
                 return s_l, s_ab, f_l.detach(), f_ab.detach()
             self._estimate_Z(s_l, s_ab)
             return s_l.exp() / self.Z_l, s_ab.exp() / self.Z_ab, f_l.detach(), f_ab.detach()
+
+
+@torch.no_grad()
+def fill_banks(model: nn.Module, loader, device):
+    """--bank-init features: row i of each bank ← that view's initial encoder feature of image i
+    (evaluation view, BN in training mode as in a step), gathered over the ranks. With random rows
+    the first epoch trains each view towards random directions (insdis.py's fill_bank has the
+    measurement). A last batch of one image per rank is skipped (BN needs two): its rows stay random."""
+    for images, _, index in loader:
+        if images.shape[0] > 1:
+            x, index = images.to(device, non_blocking=True), concat_all_gather(index.to(device))
+            for bank, encoder, view in ((model.memory_l, model.encoder_l, x[:, :1]), (model.memory_ab, model.encoder_ab, x[:, 1:])):
+                bank.index_copy_(0, index, concat_all_gather(F.normalize(encoder(view).float(), dim=1)))
 
 
 def nce_loss(P: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
@@ -605,6 +621,10 @@ def main(argv=None):
     if args.channels_last:  # SCAFFOLD
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+    if args.bank_init == "features" and not start_path:  # METHOD: a resumed run has its banks in the checkpoint
+        fill_banks(model, common.build_loader(common.build_dataset(args.data, "pretrain", common.eval_transform(
+            args.image_size, common.ToColorSpace(args.view)), args.data_root, return_index=True),
+            args.batch_size // world_size, args.workers, rank, world_size, train=False), device)
 
     def checkpoint(epoch: int, step: int = 0) -> dict:  # SCAFFOLD: the run after `step` steps of `epoch`
         return {"method": "cmc", "arch": args.arch, "epoch": epoch, "step": step, "args": vars(args),

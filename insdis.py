@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--nce-m", "--nce_m", type=float, default=0.5, help="bank momentum (0: plain replacement)")
     group.add_argument("--softmax", action="store_true", help="(K+1)-way softmax cross-entropy instead of NCE")
     group.add_argument("--prox-lambda", type=float, default=0.0, help="proximal term λ (Eq. 10); 0 = off")
+    group.add_argument("--bank-init", choices=["random", "features"], default="random",
+                       help="random: random unit rows (Sec. 3.1, official); features: the initial encoder's feature "
+                            "of every image, so the first epoch's positives are not random (short runs)")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=200, help="epochs to train in all")
     group.add_argument("-b", "--batch-size", type=int, default=256, help="global batch over all processes")
@@ -186,6 +189,19 @@ class InsDis(nn.Module):
                 return s, f, weight[:, 0]
             self._estimate_Z(s)
             return s.exp() / self.Z, f, weight[:, 0]  # Eq. (4) with Z_i ≈ Z
+
+
+@torch.no_grad()
+def fill_bank(model: nn.Module, loader, device):
+    """--bank-init features: row i ← the initial encoder's normalised feature of image i (evaluation
+    view, BN in training mode as in a step), gathered over the ranks. With random rows (Sec. 3.1) the
+    first epoch trains every image towards a random direction: measured on synthetic:2500, the kNN
+    monitor fell from 71.0 % (random encoder) to 29.0 % after that epoch and was 40.4 % after five.
+    A last batch of one image per rank is skipped (BN needs two): its rows stay random."""
+    for images, _, index in loader:
+        if images.shape[0] > 1:
+            f = F.normalize(model.encoder(images.to(device, non_blocking=True)).float(), dim=1)
+            model.memory.index_copy_(0, concat_all_gather(index.to(device)), concat_all_gather(f))
 
 
 def nce_loss(P: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
@@ -591,6 +607,10 @@ def main(argv=None):
     if args.channels_last:  # SCAFFOLD
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
+    if args.bank_init == "features" and not start_path:  # METHOD: a resumed run has its bank in the checkpoint
+        fill_bank(model, common.build_loader(common.build_dataset(args.data, "pretrain", common.eval_transform(
+            args.image_size), args.data_root, return_index=True), args.batch_size // world_size, args.workers, rank,
+            world_size, train=False), device)
 
     def checkpoint(epoch: int, step: int = 0) -> dict:  # SCAFFOLD: the run after `step` steps of `epoch`
         return {"method": "insdis", "arch": args.arch, "epoch": epoch, "step": step, "args": vars(args),

@@ -237,6 +237,19 @@ def test_positive_is_column_0_for_every_draw():
 
 
 # ------------------------------------------------------------------------------------------ DDP
+def test_bank_init_features_fills_each_bank_with_its_own_views_initial_feature():
+    """--bank-init features: row i of bank l ← normalise(encoder_l(L of image i)), of bank ab ←
+    normalise(encoder_ab(ab of image i)): not swapped (the loss pairs them across views)."""
+    model = tiny_cmc(n_data=16).train()
+    images = torch.randn(16, 3, 8, 8)
+    batches = [(images[i:i + 4], torch.zeros(4), torch.arange(i, i + 4)) for i in range(0, 16, 4)]
+    cmc.fill_banks(model, batches, torch.device("cpu"))
+    with torch.no_grad():
+        l, ab = zip(*(features(model, images[i:i + 4]) for i in range(0, 16, 4)))
+    torch.testing.assert_close(model.memory_l, torch.cat(l))
+    torch.testing.assert_close(model.memory_ab, torch.cat(ab))
+
+
 def _bank_step_worker(rank, world_size, out_dir):
     model = tiny_cmc(n_data=16, K=5, T=0.1, seed=rank)  # as a run without --seed: DDP syncs the weights,
     before = {"memory_l": model.memory_l.clone(), "memory_ab": model.memory_ab.clone()}  # but not the banks
@@ -316,9 +329,10 @@ def test_two_process_run_with_torchrun(tmp_path):
 
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    cmc.main(TINY + ["--epochs", "2", "--output-dir", str(straight)])
-    cmc.main(TINY + ["--epochs", "1", "--output-dir", str(split)])
-    cmc.main(TINY + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    argv = TINY + ["--bank-init", "features"]  # the banks are filled once, at the start, never on resume
+    cmc.main(argv + ["--epochs", "2", "--output-dir", str(straight)])
+    cmc.main(argv + ["--epochs", "1", "--output-dir", str(split)])
+    cmc.main(argv + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
     a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:  # both encoders, BN statistics, both banks, both Z

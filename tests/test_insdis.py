@@ -140,6 +140,44 @@ def test_the_positive_is_the_samples_own_bank_row():
         torch.testing.assert_close(v, f)
 
 
+def index_batches(images, batch_size):
+    """What the fill's loader yields: (images, targets, dataset indices) per batch."""
+    return [(images[i:i + batch_size], torch.zeros(len(images[i:i + batch_size])), torch.arange(i, min(i + batch_size, len(images))))
+            for i in range(0, len(images), batch_size)]
+
+
+def test_bank_init_features_fills_every_row_with_its_images_initial_feature():
+    """--bank-init features: row i ← normalise(encoder(image i)), BN in training mode batch by batch;
+    a last batch of one image is skipped (BN needs two) and keeps its random row."""
+    model = tiny_insdis(n_data=21).train()
+    random_bank = model.memory.clone()
+    images = torch.randn(21, 3, 6, 6)
+    insdis.fill_bank(model, index_batches(images, 4), torch.device("cpu"))  # 5 batches of 4, then one of 1
+    with torch.no_grad():
+        expected = torch.cat([F.normalize(model.encoder(images[i:i + 4]), dim=1) for i in range(0, 20, 4)])
+    torch.testing.assert_close(model.memory[:20], expected)
+    assert torch.equal(model.memory[20], random_bank[20])
+
+
+def _fill_worker(rank, world_size, out_dir):
+    torch.manual_seed(0)  # the same initial encoder on both ranks, as DDP's start-up broadcast makes it
+    model = insdis.InsDis(TinyNet, 16, dim=8, K=5, T=0.5, m=0.5).train()
+    torch.manual_seed(100 + rank)
+    images = torch.randn(8, 3, 6, 6)  # rank r holds images 8r..8r+7
+    batches = [(images[i:i + 4], torch.zeros(4), torch.arange(8 * rank + i, 8 * rank + i + 4)) for i in (0, 4)]
+    insdis.fill_bank(model, batches, torch.device("cpu"))
+    with torch.no_grad():
+        own = torch.cat([F.normalize(model.encoder(images[i:i + 4]), dim=1) for i in (0, 4)])
+    torch.save({"memory": model.memory, "own": own}, os.path.join(out_dir, f"fill{rank}.pt"))
+
+
+def test_bank_init_features_gives_both_ranks_the_same_bank_with_both_ranks_rows(tmp_path):
+    run_distributed(_fill_worker, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"fill{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["memory"], r1["memory"])
+    torch.testing.assert_close(r0["memory"], torch.cat([r0["own"], r1["own"]]))
+
+
 def _two_rank_worker(rank, world_size, out_dir):
     torch.manual_seed(100 + rank)  # different seeds: the bank must still start identical (fixed generator)
     model = insdis.InsDis(TinyNet, 16, dim=8, K=5, T=0.5, m=0.5)
@@ -215,9 +253,10 @@ def test_two_process_run_with_torchrun(tmp_path):
 
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    insdis.main(TINY + ["--epochs", "2", "--output-dir", str(straight)])
-    insdis.main(TINY + ["--epochs", "1", "--output-dir", str(split)])
-    insdis.main(TINY + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    argv = TINY + ["--bank-init", "features"]  # the bank is filled once, at the start, never on resume
+    insdis.main(argv + ["--epochs", "2", "--output-dir", str(straight)])
+    insdis.main(argv + ["--epochs", "1", "--output-dir", str(split)])
+    insdis.main(argv + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
     a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:  # weights, BN statistics, the bank and Z

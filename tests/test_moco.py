@@ -99,6 +99,21 @@ def test_queue_holds_the_gathered_global_batch_and_is_identical_on_both_ranks(tm
     torch.testing.assert_close(r0["queue"][:, :8], global_keys.t())
 
 
+def test_queue_init_keys_fills_the_queue_with_the_initial_key_encoders_keys():
+    """--queue-init keys: column j ← the key of image j under the initial key encoder (BN in training
+    mode, batch by batch), whole global batches only; the pointer is back at 0; encoder_q untouched."""
+    model = tiny_moco(K=16)
+    random_queue, query_weights = model.queue.clone(), model.encoder_q.fc.weight.clone()
+    images = torch.randn(22, 3, 6, 6)  # 5 whole batches of 4 and a partial one
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(22)), batch_size=4)
+    moco.fill_queue(model, loader, torch.device("cpu"))
+    assert int(model.queue_ptr) == 0 and not torch.allclose(model.queue, random_queue)
+    with torch.no_grad():
+        keys = torch.cat([F.normalize(model.encoder_k(images[i:i + 4]), dim=1) for i in range(0, 16, 4)])
+    torch.testing.assert_close(model.queue, keys.t())  # the first K = 16 images, in order, nothing after them
+    assert torch.equal(model.encoder_q.fc.weight, query_weights)
+
+
 # ----------------------------------------------------------------------------------------- EMA
 def test_momentum_update_is_eq_2():
     model = tiny_moco(m=0.9)
@@ -235,9 +250,10 @@ def test_two_process_run_with_torchrun(tmp_path):
 
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    moco.main(TINY + ["--epochs", "2", "--bn-splits", "2", "--output-dir", str(straight)])
-    moco.main(TINY + ["--epochs", "1", "--bn-splits", "2", "--output-dir", str(split)])
-    moco.main(TINY + ["--epochs", "2", "--bn-splits", "2", "--output-dir", str(split), "--resume", "auto"])
+    argv = TINY + ["--bn-splits", "2", "--queue-init", "keys"]  # the queue is filled at the start, never on resume
+    moco.main(argv + ["--epochs", "2", "--output-dir", str(straight)])
+    moco.main(argv + ["--epochs", "1", "--output-dir", str(split)])
+    moco.main(argv + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
     a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:  # weights, key encoder, queue and pointer, BN statistics
