@@ -2,6 +2,8 @@
 import importlib.util
 import math
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -12,6 +14,7 @@ def load(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_overhead_smoke_gives_one_finite_positive_ratio_per_method(capsys):
     overhead = load("overhead")
     rows = overhead.main(["--smoke", "--threads", "1"])
@@ -27,6 +30,7 @@ def test_overhead_smoke_gives_one_finite_positive_ratio_per_method(capsys):
     assert "batch 8, 32 px" in table and "1 threads" in table
 
 
+@pytest.mark.slow
 def test_quality_smoke_scores_are_percentages(tmp_path):
     quality = load("quality")
     rows = quality.main(["--smoke", "--methods", "moco", "--output-dir", str(tmp_path)])

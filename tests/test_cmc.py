@@ -254,6 +254,7 @@ def _bank_step_worker(rank, world_size, out_dir):
                 "before": before}, os.path.join(out_dir, f"{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(tmp_path):
     run_distributed(_bank_step_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
@@ -276,6 +277,7 @@ def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_one_process_run_checkpoint_resume_and_linear_probe(tmp_path, capsys):
     proc = run_script("cmc.py", *TINY, "--epochs", "1", "--output-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -304,6 +306,7 @@ def test_one_process_run_checkpoint_resume_and_linear_probe(tmp_path, capsys):
     assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_two_process_run_with_torchrun(tmp_path):
     proc = run_script("cmc.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr
@@ -314,6 +317,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     assert float(ckpt["state_dict"]["module.Z_l"]) > 0
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     cmc.main(TINY + ["--epochs", "2", "--output-dir", str(straight)])
@@ -327,6 +331,7 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_ycbcr_softmax_run_and_knn(tmp_path):
     cmc.main(TINY + ["--epochs", "1", "--view", "YCbCr", "--softmax", "--output-dir", str(tmp_path)])
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)

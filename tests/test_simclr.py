@@ -109,6 +109,7 @@ def _gather_worker(rank, world_size, out_dir):
                 "param_grads": [p.grad for p in model.parameters()]}, os.path.join(out_dir, f"{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_path):
     """Two gloo ranks each hold half of the global batch; the reference is the brute-force loss on
     the whole batch in this process.
@@ -273,6 +274,7 @@ def pretrained(tmp_path_factory):
     return out, first, second
 
 
+@pytest.mark.slow
 def test_one_process_run_checkpoint_and_resume(pretrained):
     out, first, second = pretrained
     assert first.returncode == 0, first.stderr
@@ -290,6 +292,7 @@ def test_one_process_run_checkpoint_and_resume(pretrained):
     assert log[1]["lr"] == pytest.approx(init_lr * 0.5 * (1 + math.cos(math.pi * 0.75)))
 
 
+@pytest.mark.slow
 def test_sqrt_lr_scaling_is_app_b1(tmp_path):
     """App. B.1: lr = 0.075 × √batch, the official `learning_rate_scaling` sqrt (linear: above)."""
     simclr.main(TINY + ["--epochs", "1", "--lr-scaling", "sqrt", "--lr", "0.075", "--output-dir", str(tmp_path)])
@@ -297,6 +300,7 @@ def test_sqrt_lr_scaling_is_app_b1(tmp_path):
     assert log["lr"] == pytest.approx(0.075 * math.sqrt(16) * 0.75)  # 3/4 into the warm-up, as above
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(pretrained, tmp_path):
     simclr.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path)])
     a = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
@@ -308,6 +312,7 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(pretrained
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_two_process_run_with_torchrun(tmp_path):
     proc = run_script("simclr.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr
@@ -318,6 +323,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     assert proc.stdout.count("Epoch: [0/1][0/4]") == 1
 
 
+@pytest.mark.slow
 def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
     path = str(pretrained[0] / "checkpoint.pth.tar")
     common_args = ["--data", "synthetic:64", "--pretrained", path, "-b", "16", "-j", "0", "--seed", "0",
@@ -345,6 +351,7 @@ def test_start_up_errors(argv, message, tmp_path):
     assert str(err.value) == f"simclr.py: {message}"
 
 
+@pytest.mark.slow
 def test_a_missing_folder_is_one_line_on_the_command_line(tmp_path):
     proc = run_script("simclr.py", "--data", tmp_path / "missing", "-a", "resnet18", "-b", "4")
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0, proc.stderr
