@@ -20,6 +20,8 @@ images (no weight changes): the baseline every pre-training must beat.
     torchrun --nproc_per_node=4 linear_eval.py --data /imagenet --pretrained checkpoint.pth.tar
     torchrun --nproc_per_node=4 linear_eval.py --data /imagenet --pretrained simsiam.pth.tar --protocol simsiam
     python linear_eval.py --data synthetic --pretrained checkpoint.pth.tar --export r50.pkl --export-format detectron2
+
+Documentation: docs/linear_eval.md (usage, implementation details against the official code, results, metrics).
 """
 import argparse
 import hashlib

@@ -2,7 +2,7 @@
 
 Every method pre-trains a ResNet-18 for the same number of epochs (the same images seen), then
 the same weighted kNN (k=200, T=0.07) and the same linear probe evaluate its backbone, and a
-randomly initialised backbone (its BN statistics estimated on the training images) as the floor. Prints a markdown table (README.md carries it).
+randomly initialised backbone (its BN statistics estimated on the training images) as the floor. Prints a markdown table (docs/results.md carries it).
 
     python benchmarks/quality.py                       # all methods, 3 seeds each (~2 h on 2 cores)
     python benchmarks/quality.py --methods moco simsiam --epochs 4

@@ -52,6 +52,7 @@ def record_dtype(module: nn.Module, seen: list):
     module.register_forward_hook(lambda mod, inputs, output: seen.append(output.dtype))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", list(RUNS), ids=lambda s: s.__name__)
 def test_amp_channels_last_run_keeps_float32_state(script, tmp_path):
     script.main(SMALL + RUNS[script] + ["--amp", "--channels-last", "--epochs", "1", "--output-dir", str(tmp_path)])

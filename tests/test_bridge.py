@@ -93,6 +93,7 @@ def foreign_checkpoints(stem: str = "imagenet"):
 
 
 # ------------------------------------------------------------------------------------ reading
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["solo-learn", "solo-learn, before 2022", "lightly benchmark", "lightly example"])
 def test_foreign_checkpoints_load_and_give_the_source_features(name, tmp_path, capsys):
     """The backbone's 120 tensors are used, every head and momentum copy ignored, and the loaded
@@ -110,6 +111,7 @@ def test_foreign_checkpoints_load_and_give_the_source_features(name, tmp_path, c
         torch.testing.assert_close(backbone.eval()(x), source(x).flatten(1), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_solo_learn_cifar_stem_pads_conv1_by_two(tmp_path, capsys):
     """solo-learn's CIFAR conv1 pads by 2 (ours by 1): the same weights, other features. The loaded
     backbone must pad by 2 to give solo-learn's features, and the torchvision export says so."""
@@ -186,6 +188,7 @@ def torchvision_name(key: str) -> str:
     return ".".join(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_detectron2_export_names_shapes_and_round_trip(arch, tmp_path, capsys):
     source = randomised(models.__dict__[arch]())

@@ -233,6 +233,7 @@ def test_train_step_uses_the_global_step_and_updates_the_target_after_the_online
 
 
 # ---------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_one_process_run_checkpoint_and_linear_eval(tmp_path):
     out = tmp_path / "run"
     proc = run_script("byol.py", *TINY, "--epochs", "1", "--output-dir", out)
@@ -256,6 +257,7 @@ def test_one_process_run_checkpoint_and_linear_eval(tmp_path):
     assert "sanity check passed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_two_process_run_with_torchrun(tmp_path):
     proc = run_script("byol.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr
@@ -270,6 +272,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     byol.main(TINY + ["--epochs", "2", "--output-dir", str(straight)])

@@ -147,6 +147,7 @@ def test_training_views_are_a_function_of_seed_epoch_and_index_only():
     assert not torch.equal(first[0], _views_loader(workers=0, seed=4).dataset[5][0][0])
 
 
+@pytest.mark.slow
 def test_two_workers_load_the_same_batches_as_the_main_process():
     batches = []
     for workers in (0, 2):

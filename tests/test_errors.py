@@ -216,6 +216,7 @@ def test_a_read_only_output_dir_fails_before_any_epoch(name, out, monkeypatch, c
     assert (out / "checkpoint.pth.tar").read_bytes() == PREVIOUS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODULES)
 def test_a_finished_run_says_so_and_a_stray_tmp_is_removed(name, finished, tmp_path, capsys):
     shutil.copytree(finished[name], tmp_path / "run")
@@ -253,6 +254,7 @@ def test_an_empty_or_text_checkpoint_is_one_line(name, kind, why, out, tmp_path,
     assert (out / "checkpoint.pth.tar").read_bytes() == PREVIOUS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINING)
 def test_a_mismatched_checkpoint_names_the_keys_and_shapes(name, finished, tmp_path, capsys):
     shutil.copytree(finished[name], tmp_path / "run")
@@ -265,6 +267,7 @@ def test_a_mismatched_checkpoint_names_the_keys_and_shapes(name, finished, tmp_p
     assert len(err) < 500 and path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_pretrained_checkpoint_of_another_arch_names_the_keys(finished, out, capsys):
     path = finished["moco"] / "checkpoint.pth.tar"
     status, _, err = run("linear_eval", ARGV["linear_eval"] + ["-a", "resnet50", "--pretrained", path,
@@ -275,6 +278,7 @@ def test_a_pretrained_checkpoint_of_another_arch_names_the_keys(finished, out, c
 
 
 # ------------------------------------------------------------------------------ linear_eval
+@pytest.mark.slow
 def test_a_probe_of_another_backbone_is_not_resumed(finished, tmp_path, capsys):
     """The default --output-dir is shared by every probe: a probe of random weights (seed 0) is not
     continued on the MoCo backbone, nor on random weights of another seed."""
@@ -289,6 +293,7 @@ def test_a_probe_of_another_backbone_is_not_resumed(finished, tmp_path, capsys):
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_export_names_its_arch_and_reads_back_without_a(finished, tmp_path, capsys):
     moco_checkpoint = finished["moco"] / "checkpoint.pth.tar"
     linear_eval.main(["--data", "synthetic:16", "--pretrained", str(moco_checkpoint), "--export", str(tmp_path / "r18.pth")])
@@ -298,6 +303,7 @@ def test_export_names_its_arch_and_reads_back_without_a(finished, tmp_path, caps
     assert "torchvision ResNet state_dict, arch resnet18, cifar stem" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_export_to_a_full_disk_leaves_no_partial_file(finished, tmp_path, monkeypatch, capsys):
     def full_disk(obj, path, *args, **kwargs):
         with open(path, "wb") as f:
@@ -311,6 +317,7 @@ def test_export_to_a_full_disk_leaves_no_partial_file(finished, tmp_path, monkey
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_knn_and_probe_show_progress_and_epochs(finished, tmp_path, capsys):
     argv = ARGV["linear_eval"] + ["-p", "1", "--pretrained", finished["moco"] / "checkpoint.pth.tar"]
     status, stdout, _ = run("linear_eval", argv + ["--knn"], capsys)
@@ -350,6 +357,7 @@ def test_ctrl_c_is_one_line(name, out, monkeypatch, capsys):
     assert (out / "checkpoint.pth.tar").read_bytes() == PREVIOUS
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_command_line_is_one_line(out):
     """A real SIGINT to the whole process group, as a terminal sends it."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "moco.py"), *ARGV["moco"], "--epochs", "50",

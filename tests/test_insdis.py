@@ -196,6 +196,7 @@ def _two_rank_worker(rank, world_size, out_dir):
                 "index": index}, os.path.join(out_dir, f"{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(tmp_path):
     run_distributed(_two_rank_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
@@ -223,6 +224,7 @@ def pretrained(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_one_process_run_checkpoint_and_resume(pretrained, tmp_path, capsys):
     out, proc = pretrained
     assert proc.returncode == 0, proc.stderr
@@ -242,6 +244,7 @@ def test_one_process_run_checkpoint_and_resume(pretrained, tmp_path, capsys):
     assert resumed["epoch"] == 2 and torch.equal(resumed["state_dict"]["module.Z"], state["module.Z"])
 
 
+@pytest.mark.slow
 def test_two_process_run_with_torchrun(tmp_path):
     proc = run_script("insdis.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, "--knn-every", "1", nproc=2)
     assert proc.returncode == 0, proc.stderr
@@ -251,6 +254,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     assert proc.stdout.count("Epoch: [0/1][0/4]") == 1 and proc.stdout.count(" * kNN Acc@1") == 1
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     argv = TINY + ["--bank-init", "features"]  # the bank is filled once, at the start, never on resume
@@ -265,12 +269,14 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_softmax_run_leaves_z_unset(tmp_path):
     insdis.main(TINY + ["--epochs", "1", "--softmax", "--output-dir", str(tmp_path)])
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert float(ckpt["state_dict"]["module.Z"]) == -1.0 and ckpt["args"]["softmax"]
 
 
+@pytest.mark.slow
 def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
     data = ["--data", "synthetic:128", "-j", "0", "-b", "32", "--seed", "0", "--output-dir", str(tmp_path),
             "--pretrained", str(pretrained[0] / "checkpoint.pth.tar")]
@@ -298,6 +304,7 @@ def test_start_up_errors(argv, message, tmp_path):
     assert str(err.value) == f"insdis.py: {message}"
 
 
+@pytest.mark.slow
 def test_an_image_folder_trains_without_the_knn_monitor_unless_asked(tmp_path, capsys):
     from PIL import Image
     for c in ("a", "b"):

@@ -57,6 +57,7 @@ def test_sanity_check_passes_when_unchanged_and_fails_on_any_change():
         linear_eval.sanity_check(backbone, reference)
 
 
+@pytest.mark.slow
 def test_probe_trains_only_the_linear_layer(moco_checkpoint, tmp_path):
     metrics = linear_eval.main(DATA + ["--pretrained", str(moco_checkpoint), "--epochs", "2", "--lr", "1.0",
                                        "--output-dir", str(tmp_path)])
@@ -65,6 +66,7 @@ def test_probe_trains_only_the_linear_layer(moco_checkpoint, tmp_path):
     assert ckpt["method"] == "linear" and set(ckpt["state_dict"]) == {"module.weight", "module.bias"}
 
 
+@pytest.mark.slow
 def test_probe_sanity_check_catches_a_moving_backbone(moco_checkpoint, tmp_path, monkeypatch):
     real = linear_eval.train_one_epoch
 
@@ -79,6 +81,7 @@ def test_probe_sanity_check_catches_a_moving_backbone(moco_checkpoint, tmp_path,
         linear_eval.main(DATA + ["--pretrained", str(moco_checkpoint), "--epochs", "1", "--output-dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_knn_and_probe_from_the_command_line(moco_checkpoint, tmp_path):
     proc = run_script("linear_eval.py", *DATA, "--pretrained", moco_checkpoint, "--knn")
     assert proc.returncode == 0, proc.stderr
@@ -90,6 +93,7 @@ def test_knn_and_probe_from_the_command_line(moco_checkpoint, tmp_path):
     assert "sanity check passed" in proc.stdout and proc.stdout.count(" * Acc@1") == 1
 
 
+@pytest.mark.slow
 def test_simsiam_protocol_is_the_official_main_lincls(moco_checkpoint, tmp_path):
     """facebookresearch/simsiam main_lincls.py: lr 0.1 × batch/256 (App. A says 0.02; issue #13: the
     released models used 0.1), batch 4096, 90 epochs, cosine, wd 0, LARS (apex LARC) on both parameters."""
@@ -125,6 +129,7 @@ def test_simsiam_protocol_adapts_the_bias_too_as_apex_larc():
     assert b.abs().max() > 0.5  # the first step was not scaled by η
 
 
+@pytest.mark.slow
 def test_probe_reports_last_and_best_epoch_and_keeps_best_over_resume(tmp_path, capsys):
     """The official main_lincls.py keeps the best epoch's top-1 (and saves it); we print and return
     it beside the last one, which stays `acc1` and starts the final line."""
@@ -141,6 +146,7 @@ def test_probe_reports_last_and_best_epoch_and_keeps_best_over_resume(tmp_path, 
     assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["best_acc1"] == max(accs)
 
 
+@pytest.mark.slow
 def test_random_init_baseline_estimates_its_bn_statistics_on_the_training_images(tmp_path, monkeypatch):
     seen = []
     estimate = linear_eval.estimate_bn_statistics
@@ -203,6 +209,7 @@ def official_layouts():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["MoCo v1/v2", "SimSiam", "MoCo v3", "torchvision"])
 def test_official_checkpoints_load_with_the_right_keys(name, tmp_path, capsys):
     body, layouts = official_layouts()
@@ -235,6 +242,7 @@ def test_pickled_objects_unknown_layouts_and_wrong_arch_are_refused(tmp_path):
         linear_eval.load_backbone(str(tmp_path / "missing.pth"), "resnet18", True)
 
 
+@pytest.mark.slow
 def test_export_loads_into_torchvision_with_only_fc_missing(moco_checkpoint, tmp_path):
     linear_eval.main(["--data", "synthetic:100", "--pretrained", str(moco_checkpoint), "--export", str(tmp_path / "r18.pth")])
     state = torch.load(tmp_path / "r18.pth", weights_only=True)

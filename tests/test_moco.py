@@ -1,4 +1,6 @@
 """MoCo: InfoNCE, queue, momentum encoder, shuffling BN, split BN, end to end, errors."""
+import json
+import math
 import os
 
 import pytest
@@ -89,6 +91,7 @@ def _queue_step_worker(rank, world_size, out_dir):
     torch.save({"queue": model.queue, "ptr": model.queue_ptr, "k": k}, os.path.join(out_dir, f"{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_queue_holds_the_gathered_global_batch_and_is_identical_on_both_ranks(tmp_path):
     run_distributed(_queue_step_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
@@ -166,6 +169,7 @@ def _shuffle_worker(rank, world_size, out_dir):
     torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_shuffle_bn_across_two_ranks(tmp_path):
     run_distributed(_shuffle_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
@@ -222,6 +226,24 @@ def test_split_bn_with_one_split_is_plain_batchnorm():
 
 
 # ---------------------------------------------------------------------------------- end to end
+def test_the_command_line_trains_a_tiny_run_end_to_end(tmp_path, one_thread):
+    """The fast tier's end-to-end run (README: Tests): `python moco.py` at the smallest settings (16
+    images, batch 8, 8 px) parses, trains two steps, runs the kNN monitor, checkpoints and logs.
+    One intra-op thread: on 2 shared cores two threads made this run 30 s instead of 11 s."""
+    proc = run_script("moco.py", "--data", "synthetic:16", "-a", "resnet18", "-b", "8", "--image-size", "8",
+                      "--moco-k", "16", "--moco-dim", "8", "--epochs", "1", "-j", "0", "-p", "1", "--seed", "0",
+                      "--knn-every", "1", "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "=> creating model 'resnet18'" in proc.stdout and "Epoch: [0/1][1/2]" in proc.stdout
+    assert " * kNN Acc@1 " in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "moco" and ckpt["epoch"] == 1 and ckpt["step"] == 0
+    assert "module.queue" in ckpt["state_dict"] and ckpt["args"]["stem"] == "cifar"  # auto: 8 px <= 32
+    log = json.loads((tmp_path / "log.txt").read_text())
+    assert log["epoch"] == 0 and math.isfinite(log["loss"]) and 0 <= log["knn_acc1"] <= 100
+
+
+@pytest.mark.slow
 def test_one_process_run_checkpoint_and_resume(tmp_path):
     proc = run_script("moco.py", *TINY, "--epochs", "1", "--bn-splits", "2", "--mlp", "--aug-plus",
                       "--cos", "--output-dir", tmp_path)
@@ -239,6 +261,7 @@ def test_one_process_run_checkpoint_and_resume(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_two_process_run_with_torchrun(tmp_path):
     proc = run_script("moco.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr
@@ -248,6 +271,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     assert proc.stdout.count("Epoch: [0/1][0/8]") == 1
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     argv = TINY + ["--bn-splits", "2", "--queue-init", "keys"]  # the queue is filled at the start, never on resume
@@ -263,6 +287,7 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_two_loader_workers_train_exactly_as_the_main_process(tmp_path):
     """Views are seeded per sample (common.SeededViews), so who loads a sample cannot change the run."""
     runs = []
@@ -297,6 +322,7 @@ def test_start_up_errors(argv, message, tmp_path):
     assert str(err.value) == f"moco.py: {message}"
 
 
+@pytest.mark.slow
 def test_an_image_folder_trains(tmp_path):
     make_image_folder(tmp_path / "imgs" / "train")
     moco.main(["--data", str(tmp_path / "imgs"), "-a", "resnet18", "-b", "4", "--moco-k", "8", "-j", "0",

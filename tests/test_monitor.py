@@ -78,6 +78,7 @@ def log_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 @each_script
 def test_monitor_leaves_training_unchanged_and_equals_linear_eval_knn(name, tmp_path, capsys):
     on = train(name, tmp_path / "on", "--knn-every", "1")
@@ -128,6 +129,7 @@ def _monitor_on_ranks(rank, world_size, out_dir):
     (out_dir / f"rank{rank}_of{world_size}").write_text(repr(value))
 
 
+@pytest.mark.slow
 def test_two_ranks_gather_their_shards_and_print_the_same_number_as_one(tmp_path):
     _monitor_on_ranks(0, 1, tmp_path)
     run_distributed(_monitor_on_ranks, tmp_path, world_size=2)

@@ -105,6 +105,7 @@ def mid_epoch_steps(name):
     return [g for g in range(2 * steps - 1) if (g + 1) % steps]  # a stop after g leaves the epoch unfinished
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, workers", [(n, "0") for n in RUNS] + [("moco", "2"), ("insdis", "2")])
 def test_sigterm_at_a_random_step_then_resume_auto_equals_the_uninterrupted_run(name, workers, reference,
                                                                                  tmp_path, capsys):
@@ -122,6 +123,7 @@ def test_sigterm_at_a_random_step_then_resume_auto_equals_the_uninterrupted_run(
     assert_same_run(load(tmp_path), reference(name))
 
 
+@pytest.mark.slow
 def test_a_signal_in_the_last_step_stops_at_the_epoch_boundary(reference, tmp_path, capsys):
     run("byol", tmp_path, stop_after=3)  # the last of epoch 0's 4 steps: the epoch ends as usual, then the run stops
     assert capsys.readouterr().out.strip().endswith("stopped at epoch 1 step 0; continue with --resume auto")
@@ -132,6 +134,7 @@ def test_a_signal_in_the_last_step_stops_at_the_epoch_boundary(reference, tmp_pa
     assert_same_run(load(tmp_path), reference("byol"))
 
 
+@pytest.mark.slow
 def test_periodic_checkpoints_change_nothing_and_land_where_asked(reference, tmp_path, monkeypatch):
     saved = []
     real = byol.save_checkpoint
@@ -150,6 +153,7 @@ def test_periodic_checkpoints_change_nothing_and_land_where_asked(reference, tmp
     assert_same_run(load(tmp_path / "minutes"), reference("byol"))
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_refuses_another_global_batch_or_world_size(tmp_path):
     run("byol", tmp_path, stop_after=1)
     with pytest.raises(SystemExit) as err:
@@ -184,6 +188,7 @@ moco.main({argv!r})
 """
 
 
+@pytest.mark.slow
 def test_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one(reference, tmp_path):
     argv = RUNS["moco"][1] + EPOCHS + ["--output-dir", str(tmp_path), "--save-every-steps", "1"]
     proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING.format(root=str(ROOT), argv=argv)],
@@ -233,6 +238,7 @@ def torchrun(out, *flags, launcher=(), act):
     return proc.returncode, "".join(lines), stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
 def test_torchrun_forwards_sigterm_and_restarts_a_group_whose_rank_was_killed(tmp_path):
     def terminate(line, proc):  # SIGTERM to torchrun, which forwards it to both workers

@@ -67,6 +67,7 @@ def test_batch_not_divisible_by_world_size(name, monkeypatch, tmp_path):
     assert str(err.value) == f"{name}.py: global batch 32 does not divide by the world size 3"
 
 
+@pytest.mark.slow
 @each_script
 def test_foreign_checkpoint_is_refused(name, tmp_path):
     script = SCRIPTS[name]
@@ -86,6 +87,7 @@ def test_removed_official_flags_point_to_torchrun(name, capsys):
         assert f"{flag[0]} is gone: launch with torchrun" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @each_script
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(name, tmp_path, monkeypatch):
     script = SCRIPTS[name]
@@ -102,6 +104,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(name, tmp_path, monkeypatc
     assert (tmp_path / "log.txt").read_text() == log_before
 
 
+@pytest.mark.slow
 @each_script
 def test_empty_folder_is_a_one_line_error(name, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -117,6 +120,7 @@ def test_empty_folder_is_a_one_line_error(name, tmp_path):
     assert last_line(proc.stderr).startswith(message)
 
 
+@pytest.mark.slow
 @each_script
 def test_unreadable_image_is_a_one_line_error(name, tmp_path):
     for c in ("a", "b"):

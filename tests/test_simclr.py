@@ -109,6 +109,7 @@ def _gather_worker(rank, world_size, out_dir):
                 "param_grads": [p.grad for p in model.parameters()]}, os.path.join(out_dir, f"{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_path):
     """Two gloo ranks each hold half of the global batch; the reference is the brute-force loss on
     the whole batch in this process.
@@ -253,11 +254,12 @@ def test_augmentation_is_the_app_a_recipe():
     assert small[4].transforms[0].kernel_size == (3, 3)  # 10 % of 32 px, odd
 
 
-def test_readme_cifar10_row_is_the_official_command():
+def test_docs_cifar10_row_is_the_official_command():
     """google-research/simclr README, CIFAR-10 on one GPU: batch 512, 1000 epochs, lr 1.0, weight decay
-    1e-4 (1e-6 only in the README of March 2020), τ 0.5, jitter strength 0.5, no blur."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| CIFAR-10 (App. B.9; official README command)"))
+    1e-4 (1e-6 only in the README of March 2020), τ 0.5, jitter strength 0.5, no blur. The row is in
+    docs/simclr.md, "Flags for the paper's settings"."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "simclr.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| CIFAR-10 (App. B.9; official README command)"))
     args = simclr.parse_args(shlex.split(row.split("`")[1]))
     assert (args.data, args.arch, args.batch_size, args.epochs, args.lr, args.wd, args.temperature,
             args.color_jitter_strength, args.blur_kernel) == ("cifar10", "resnet18", 512, 1000, 1.0, 1e-4, 0.5, 0.5, 0.0)
@@ -273,6 +275,7 @@ def pretrained(tmp_path_factory):
     return out, first, second
 
 
+@pytest.mark.slow
 def test_one_process_run_checkpoint_and_resume(pretrained):
     out, first, second = pretrained
     assert first.returncode == 0, first.stderr
@@ -290,6 +293,7 @@ def test_one_process_run_checkpoint_and_resume(pretrained):
     assert log[1]["lr"] == pytest.approx(init_lr * 0.5 * (1 + math.cos(math.pi * 0.75)))
 
 
+@pytest.mark.slow
 def test_sqrt_lr_scaling_is_app_b1(tmp_path):
     """App. B.1: lr = 0.075 × √batch, the official `learning_rate_scaling` sqrt (linear: above)."""
     simclr.main(TINY + ["--epochs", "1", "--lr-scaling", "sqrt", "--lr", "0.075", "--output-dir", str(tmp_path)])
@@ -297,6 +301,7 @@ def test_sqrt_lr_scaling_is_app_b1(tmp_path):
     assert log["lr"] == pytest.approx(0.075 * math.sqrt(16) * 0.75)  # 3/4 into the warm-up, as above
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(pretrained, tmp_path):
     simclr.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path)])
     a = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
@@ -308,6 +313,7 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(pretrained
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_two_process_run_with_torchrun(tmp_path):
     proc = run_script("simclr.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr
@@ -318,6 +324,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     assert proc.stdout.count("Epoch: [0/1][0/4]") == 1
 
 
+@pytest.mark.slow
 def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
     path = str(pretrained[0] / "checkpoint.pth.tar")
     common_args = ["--data", "synthetic:64", "--pretrained", path, "-b", "16", "-j", "0", "--seed", "0",
@@ -345,6 +352,7 @@ def test_start_up_errors(argv, message, tmp_path):
     assert str(err.value) == f"simclr.py: {message}"
 
 
+@pytest.mark.slow
 def test_a_missing_folder_is_one_line_on_the_command_line(tmp_path):
     proc = run_script("simclr.py", "--data", tmp_path / "missing", "-a", "resnet18", "-b", "4")
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0, proc.stderr

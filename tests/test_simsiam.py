@@ -180,6 +180,7 @@ def check_param_groups(ckpt, lr_encoder):
     assert groups[1]["lr"] == pytest.approx(INIT_LR, rel=1e-12)  # --fix-pred-lr
 
 
+@pytest.mark.slow
 def test_checkpoint_keys_shapes_log_and_lr(one_epoch):
     ckpt = torch.load(one_epoch / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["method"] == "simsiam" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
@@ -195,6 +196,7 @@ def test_checkpoint_keys_shapes_log_and_lr(one_epoch):
     assert -1 <= log[0]["loss"] <= 1 and 0 < log[0]["z_std"] < 1
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(one_epoch, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     simsiam.main(TINY + ["--epochs", "2", "--output-dir", str(straight)])
@@ -210,6 +212,7 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(one_epoch,
     check_param_groups(b, INIT_LR * 0.5 * (1 + math.cos(math.pi * 1 / 2)))
 
 
+@pytest.mark.slow
 def test_one_process_command_line_resumes(one_epoch, tmp_path):
     shutil.copytree(one_epoch, tmp_path / "run")
     path = tmp_path / "run" / "checkpoint.pth.tar"
@@ -221,6 +224,7 @@ def test_one_process_command_line_resumes(one_epoch, tmp_path):
     assert len((tmp_path / "run" / "log.txt").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_two_process_run_with_torchrun(tmp_path):
     proc = run_script("simsiam.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr
@@ -230,6 +234,7 @@ def test_two_process_run_with_torchrun(tmp_path):
     check_param_groups(ckpt, INIT_LR)  # init_lr from the global batch 32, not the per-process 16
 
 
+@pytest.mark.slow
 def test_linear_eval_knn_probe_and_simsiam_protocol_read_the_checkpoint(one_epoch, tmp_path, capsys):
     path = one_epoch / "checkpoint.pth.tar"
     state = torch.load(path, weights_only=True)["state_dict"]
@@ -260,6 +265,7 @@ def test_start_up_errors(argv, message, tmp_path):
     assert str(err.value) == f"simsiam.py: {message}"
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_is_refused(one_epoch, tmp_path):  # a foreign one: tests/test_scaffold.py
     path = one_epoch / "checkpoint.pth.tar"
     with pytest.raises(SystemExit) as err:  # --dim 64 against a --dim 128 checkpoint
