@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each ResNet encoder, in place (checkpoint keys unchanged); the first steps compile")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -622,6 +624,10 @@ def main(argv=None):
     model = model.to(device)
     if args.channels_last:  # SCAFFOLD
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:  # SCAFFOLD: nn.Module.compile works in place, so state_dict keys get no `_orig_mod.`
+        for net in model.modules():
+            if isinstance(net, models.ResNet):
+                net.compile()
     args.init_lr = args.lr * args.batch_size / 256  # METHOD: Sec. 3.3, lr = 0.2 × batch/256
     optimizer = LARS(lars_param_groups(model), args.init_lr, momentum=args.momentum, weight_decay=args.wd)
 

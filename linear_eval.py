@@ -115,6 +115,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="also write the checkpoint every N steps of an epoch (0: at epoch ends and on a stop signal)")
     group.add_argument("--save-every-minutes", type=float, default=0,
                        help="also write it every M minutes (under torchrun checked every --print-freq steps; 0: off)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the frozen ResNet(s), in place (state_dict keys unchanged); the first batches compile")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -768,6 +770,10 @@ def main(argv=None):
                     dist.destroy_process_group()
                 return {key: resumed.get(key) for key in ("best_acc1", "best_epoch")}
     backbone.to(device).eval().requires_grad_(False)
+    if args.compile:  # nn.Module.compile works in place: the sanity check and the probe's fingerprint see the same keys
+        for net in backbone.modules():
+            if isinstance(net, models.ResNet):
+                net.compile()
 
     try:
         train_set = common.build_dataset(args.data, "train", train_transform(args, backbone.cmc_view), args.data_root)

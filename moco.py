@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each ResNet encoder, in place (checkpoint keys unchanged); the first steps compile")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -626,6 +628,10 @@ def main(argv=None):
                  args.moco_k, args.moco_m, args.moco_t, args.mlp).to(device)
     if args.channels_last:  # SCAFFOLD
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:  # SCAFFOLD: nn.Module.compile works in place, so state_dict keys get no `_orig_mod.`
+        for net in model.modules():
+            if isinstance(net, models.ResNet):
+                net.compile()
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
 
     def checkpoint(epoch: int, step: int = 0) -> dict:  # SCAFFOLD: the run after `step` steps of `epoch`

@@ -15,6 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on 2 cores (deselect with -m 'not slow'); CI runs it")
+
+
 @pytest.fixture
 def one_thread(monkeypatch):
     """Two cores shared with other jobs: one intra-op thread per process avoids oversubscription stalls."""
