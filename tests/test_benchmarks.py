@@ -44,6 +44,34 @@ def test_data_smoke_gives_both_decode_paths_and_cores_per_gpu(capsys):
     assert "4 JPEGs 500×375 q90" in table and "1 thread" in table
 
 
+@pytest.mark.slow  # ~50 s on 2 shared cores: torchrun, then six short trainings and their checks
+def test_gpu_check_smoke_trains_every_method_under_torchrun_and_loads_its_checkpoint(tmp_path, capsys):
+    gpu_check = load("gpu_check")
+    rows = gpu_check.main(["--smoke", "--output-dir", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert [(r["method"], r["setting"]) for r in rows] == [("supervised", "fp32")] + [(m, "fp32") for m in gpu_check.PASSES]
+    floor = rows[0]
+    assert floor["error"] == "" and 0 < floor["forward_ms"] < floor["step_ms"]
+    for r in rows[1:]:
+        assert r["error"] == "" and r["checkpoint"] == "loads" and math.isfinite(r["loss"]), r
+        assert r["steps"] == 2 and r["step_ms"] > 0 and r["end_to_end_images_per_s"] > 0
+        steps, forwards = gpu_check.PASSES[r["method"]]  # the floor: supervised steps and forwards the method needs
+        assert math.isclose(r["floor_ms"], steps * floor["step_ms"] + forwards * floor["forward_ms"])
+        assert f"| {r['method']} | fp32 | {r['step_ms']:.1f} | {r['images_per_s']:.0f} |" in table
+    assert "torchrun --nproc_per_node=1" in table and "global batch 8, 16 px, 2 steps" in table
+    assert (tmp_path / "results.jsonl").is_file() and (tmp_path / "gpu_check.log").is_file()
+
+
+def test_gpu_check_starts_no_run_past_its_budget_and_needs_cuda_without_smoke(tmp_path, capsys):
+    gpu_check = load("gpu_check")
+    rows = gpu_check.main(["--smoke", "--budget-s", "0", "--output-dir", str(tmp_path)])
+    assert rows and all(r["error"] == "skipped: over --budget-s" for r in rows)
+    assert "| moco | fp32 | skipped: over --budget-s |" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device; on a CPU run --smoke"):
+            gpu_check.main([])
+
+
 def test_quality_smoke_scores_are_percentages(tmp_path):
     quality = load("quality")
     rows = quality.main(["--smoke", "--methods", "moco", "--output-dir", str(tmp_path)])
