@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
     group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group.add_argument("--decode", choices=["pil", "tensor"], default="pil",
+                       help="image folders: pil (Pillow and its ops, as the official code) or tensor (torchvision.io decode, transforms.v2 on uint8; docs/gpu.md)")
     group = parser.add_argument_group("model")
     group.add_argument("-a", "--arch", default=None, help="torchvision ResNet; None: the checkpoint's (or the one its tensors fit), resnet50 without --pretrained")
     group.add_argument("--pretrained", default="", help="checkpoint to evaluate; none = random init")
@@ -117,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="also write the checkpoint every N steps of an epoch (0: at epoch ends and on a stop signal)")
     group.add_argument("--save-every-minutes", type=float, default=0,
                        help="also write it every M minutes (under torchrun checked every --print-freq steps; 0: off)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the frozen ResNet(s), in place (state_dict keys unchanged); the first batches compile")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -770,11 +774,16 @@ def main(argv=None):
                     dist.destroy_process_group()
                 return {key: resumed.get(key) for key in ("best_acc1", "best_epoch")}
     backbone.to(device).eval().requires_grad_(False)
+    if args.compile:  # nn.Module.compile works in place: the sanity check and the probe's fingerprint see the same keys
+        for net in backbone.modules():
+            if isinstance(net, models.ResNet):
+                net.compile()
 
     try:
-        train_set = common.build_dataset(args.data, "train", train_transform(args, backbone.cmc_view), args.data_root)
+        train_set = common.build_dataset(args.data, "train", train_transform(args, backbone.cmc_view), args.data_root,
+                                         decode=args.decode)
         val_set = common.build_dataset(args.data, "val", eval_transform(args, backbone.cmc_view), args.data_root,
-                                       return_index=True)
+                                       return_index=True, decode=args.decode)
     except common.DataError as err:
         fail(str(err))
     if len(train_set) < args.batch_size:
@@ -782,7 +791,8 @@ def main(argv=None):
     num_classes = len(train_set.classes)
     per_process = args.batch_size // world_size
     if reference is None:
-        plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view), args.data_root)
+        plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view), args.data_root,
+                                     decode=args.decode)
         estimate_bn_statistics(backbone, common.build_loader(plain, per_process, args.workers, rank, world_size,
                                                              train=False), device)
         reference = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -791,7 +801,7 @@ def main(argv=None):
 
     if args.knn:  # Wu et al. Sec. 3.4, on the training images without augmentation
         train_plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view),
-                                           args.data_root, return_index=True)
+                                           args.data_root, return_index=True, decode=args.decode)
         loader = common.build_loader(train_plain, per_process, args.workers, rank, world_size, train=False)
         train_feats, train_labels = features(backbone, loader, device, "train", args, is_main)
         scores = common.knn_classify(F.normalize(val_feats, dim=1), F.normalize(train_feats, dim=1),

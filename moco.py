@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
     group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
+    group.add_argument("--decode", choices=["pil", "tensor"], default="pil",
+                       help="image folders: pil (Pillow and its ops, as the official code) or tensor (torchvision.io decode, transforms.v2 on uint8; docs/gpu.md)")
     group = parser.add_argument_group("model")
     group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",  # SCAFFOLD
                        help="ResNet stem; cifar: 3×3 stride-1 conv1, no max-pool; auto: cifar for crops ≤ 32 px")
@@ -92,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
     group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each ResNet encoder, in place (checkpoint keys unchanged); the first steps compile")
     for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
         group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -630,7 +634,8 @@ def main(argv=None):
             return
 
     try:
-        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root)
+        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root,
+                                       decode=args.decode)
     except common.DataError as err:
         fail(str(err))
     if len(dataset) < args.batch_size:
@@ -646,6 +651,10 @@ def main(argv=None):
                  args.moco_k, args.moco_m, args.moco_t, args.mlp).to(device)
     if args.channels_last:  # SCAFFOLD
         model = model.to(memory_format=torch.channels_last)
+    if args.compile:  # SCAFFOLD: nn.Module.compile works in place, so state_dict keys get no `_orig_mod.`
+        for net in model.modules():
+            if isinstance(net, models.ResNet):
+                net.compile()
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
     if args.queue_init == "keys" and not start_path:  # METHOD: a resumed run has its queue in the checkpoint
         fill_queue(model, common.build_loader(common.build_dataset(args.data, "pretrain", common.eval_transform(

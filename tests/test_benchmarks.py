@@ -3,6 +3,7 @@ import importlib.util
 import math
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -28,6 +29,48 @@ def test_overhead_smoke_gives_one_finite_positive_ratio_per_method(capsys):
         assert (f"| {row['method']} | {row['step_ms']:.1f} | {row['floor_ms']:.1f} | {row['ratio']:.3f} "
                 f"| {row['optimizer_ms']:.1f} |") in table
     assert "batch 8, 32 px" in table and "1 threads" in table
+
+
+def test_data_smoke_gives_both_decode_paths_and_cores_per_gpu(capsys):
+    data = load("data")
+    rows = data.main(["--smoke"])
+    table = capsys.readouterr().out
+    assert [row["method"] for row in rows] == list(data.METHODS)
+    for row in rows:
+        assert row["pil"] > 0 and row["tensor"] > 0 and math.isclose(row["speedup"], row["tensor"] / row["pil"])
+        gpu = data.PUBLISHED_RATE / data.PASSES[data.METHODS[row["method"]][0]]  # supervised rate / passes
+        assert math.isclose(row["cores_pil"], gpu / row["pil"]) and math.isclose(row["cores_tensor"], gpu / row["tensor"])
+        assert (f"| {row['method']} | {row['pil']:.1f} | {row['tensor']:.1f} | {row['speedup']:.2f} | {gpu:.0f} "
+                f"| {row['cores_pil']:.1f} | {row['cores_tensor']:.1f} |") in table
+    assert "4 JPEGs 500×375 q90" in table and "1 thread" in table
+
+
+@pytest.mark.slow  # ~50 s on 2 shared cores: torchrun, then six short trainings and their checks
+def test_gpu_check_smoke_trains_every_method_under_torchrun_and_loads_its_checkpoint(tmp_path, capsys):
+    gpu_check = load("gpu_check")
+    rows = gpu_check.main(["--smoke", "--output-dir", str(tmp_path)])
+    table = capsys.readouterr().out
+    assert [(r["method"], r["setting"]) for r in rows] == [("supervised", "fp32")] + [(m, "fp32") for m in gpu_check.PASSES]
+    floor = rows[0]
+    assert floor["error"] == "" and 0 < floor["forward_ms"] < floor["step_ms"]
+    for r in rows[1:]:
+        assert r["error"] == "" and r["checkpoint"] == "loads" and math.isfinite(r["loss"]), r
+        assert r["steps"] == 2 and r["step_ms"] > 0 and r["end_to_end_images_per_s"] > 0
+        steps, forwards = gpu_check.PASSES[r["method"]]  # the floor: supervised steps and forwards the method needs
+        assert math.isclose(r["floor_ms"], steps * floor["step_ms"] + forwards * floor["forward_ms"])
+        assert f"| {r['method']} | fp32 | {r['step_ms']:.1f} | {r['images_per_s']:.0f} |" in table
+    assert "torchrun --nproc_per_node=1" in table and "global batch 8, 16 px, 2 steps" in table
+    assert (tmp_path / "results.jsonl").is_file() and (tmp_path / "gpu_check.log").is_file()
+
+
+def test_gpu_check_starts_no_run_past_its_budget_and_needs_cuda_without_smoke(tmp_path, capsys):
+    gpu_check = load("gpu_check")
+    rows = gpu_check.main(["--smoke", "--budget-s", "0", "--output-dir", str(tmp_path)])
+    assert rows and all(r["error"] == "skipped: over --budget-s" for r in rows)
+    assert "| moco | fp32 | skipped: over --budget-s |" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device; on a CPU run --smoke"):
+            gpu_check.main([])
 
 
 @pytest.mark.slow

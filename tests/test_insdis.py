@@ -171,6 +171,7 @@ def _fill_worker(rank, world_size, out_dir):
     torch.save({"memory": model.memory, "own": own}, os.path.join(out_dir, f"fill{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_bank_init_features_gives_both_ranks_the_same_bank_with_both_ranks_rows(tmp_path):
     run_distributed(_fill_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"fill{r}.pt") for r in (0, 1))
