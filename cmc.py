@@ -8,7 +8,7 @@ bank per view (Wu et al. 2018) that holds one slowly updated feature per trainin
 (K+1)-way softmax is approximated by NCE with a normalisation constant Z fixed after the first
 batch (Sec. 3.2, "Implementing the contrastive loss"); --softmax uses the exact cross-entropy.
 
-    python cmc.py --data synthetic:2500 -a resnet18 -b 64 --epochs 2 --stem imagenet -j 2 --seed 0 --nce-k 512 --softmax  # 2 CPU cores (docs/results.md)
+    python cmc.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --nce-k 512 --softmax --bank-init features  # 2 CPU cores (docs/results.md)
     torchrun --nproc_per_node=4 cmc.py --data /imagenet --crop-min 0.08                      # official recipe: NCE, Lab
     torchrun --nproc_per_node=4 cmc.py --data /imagenet --crop-min 0.08 --softmax --view YCbCr --nce-k 16384  # README's best
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 cmc.py --data /imagenet --crop-min 0.08

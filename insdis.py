@@ -8,7 +8,7 @@ uniformly from the bank (Eq. 4-7) with a normalisation constant Z fixed after th
 (Eq. 8); --softmax uses the (K+1)-way cross-entropy instead. Each step moves the batch's bank rows
 towards the new features. Progress: the online kNN monitor on the backbone (Sec. 3.4's weighted kNN).
 
-    python insdis.py --data synthetic:2500 -a resnet18 -b 64 --epochs 2 --stem imagenet -j 2 --seed 0 --nce-k 512 --softmax  # 2 CPU cores (docs/results.md)
+    python insdis.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --nce-k 512 --softmax --bank-init features  # 2 CPU cores (docs/results.md)
     torchrun --nproc_per_node=4 insdis.py --data /imagenet                                 # paper: NCE, K 4096
     torchrun --nproc_per_node=4 insdis.py --data /imagenet --softmax --nce-k 16384          # CMC repo's better setting
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 insdis.py --data /imagenet

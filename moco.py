@@ -7,7 +7,7 @@ earlier batches. The keys come from a momentum copy of the encoder (Eq. 2), whic
 so the queue stays consistent although it spans many steps. Shuffling BN (Sec. 3.3) stops the
 model from cheating through batch statistics. v2 adds an MLP head, blur and a cosine schedule.
 
-    python moco.py --data synthetic:2500 -a resnet18 -b 64 --epochs 2 --stem imagenet -j 2 --seed 0 --moco-k 512 --moco-m 0.99 --mlp --moco-t 0.2 --aug-plus --cos --bn-splits 8 --lr 0.06  # 2 CPU cores (docs/results.md)
+    python moco.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --moco-k 512 --moco-m 0.99 --mlp --moco-t 0.2 --aug-plus --cos --bn-splits 2 --lr 0.06 --queue-init keys  # 2 CPU cores (docs/results.md)
     torchrun --nproc_per_node=4 moco.py --data /imagenet                                   # MoCo v1, 1 node
     torchrun --nproc_per_node=4 moco.py --data /imagenet --mlp --moco-t 0.2 --aug-plus --cos  # MoCo v2
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 moco.py --data /imagenet
