@@ -362,13 +362,18 @@ def test_ctrl_c_on_the_command_line_is_one_line(out):
     """A real SIGINT to the whole process group, as a terminal sends it."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "moco.py"), *ARGV["moco"], "--epochs", "50",
                              "--output-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            cwd=ROOT, start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal: a
+    # suite started in the background (`cmd &` in a script) would hand its SIGINT-ignored disposition down
     for line in proc.stdout:  # (with -j 2 and the signal during an epoch it is the same line, ~10 s later)
         if line.startswith("=> creating model"):
             break
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err.strip() == "moco.py: interrupted; the checkpoints saved so far are intact", err
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 75:  # on a loaded machine the signal can land after the run set its stop handlers
+        assert err.strip() == "" and "continue with --resume auto" in out, (out, err)  # then: a checkpoint, no traceback
+    else:  # the usual case: during start-up, before the loop
+        assert proc.returncode == 130 and err.strip() == "moco.py: interrupted; the checkpoints saved so far are intact", err
 
 
 # ------------------------------------------------------------------------------------- DDP
