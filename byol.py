@@ -186,6 +186,15 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
     return (regression_loss(p1, z2) + regression_loss(p2, z1)).mean()
 
 
+@torch.no_grad()
+def prediction_std(p: torch.Tensor) -> torch.Tensor:
+    """SimSiam's collapse monitor (arXiv:2011.10566 Sec. 4.1) on BYOL's predictions: the std over the
+    batch of p/‖p‖₂ per channel, averaged over the d channels. It is √((1 − c)/d) on average when the
+    normalised predictions have mean pairwise cosine c: ≈ 0.05 at initialisation (c ≈ 1/3, d = 256),
+    0 when every image gets the same prediction (docs/byol.md, Logged metrics). 0-dim: no host sync."""
+    return F.normalize(p, dim=1).std(dim=0).mean()
+
+
 def target_tau(step: int, total_steps: int, tau_base: float) -> float:
     """Sec. 3.3: τ_k = 1 − (1 − τ_base)·(cos(πk/K) + 1)/2, from τ_base at k = 0 to 1 at k = K."""
     return 1 - (1 - tau_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
@@ -313,7 +322,8 @@ def lars_param_groups(model: nn.Module) -> list:
 def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool, preempt=None) -> dict:
     batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
     losses, taus = common.AverageMeter("Loss", ":.4e"), common.AverageMeter("Tau", ":.6f")
-    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, taus],
+    p_stds = common.AverageMeter("Std(p)", ":.4f")
+    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, p_stds, taus],
                                     prefix=f"Epoch: [{epoch}/{args.epochs}]")
     model.train()
     total_steps = args.epochs * len(loader)  # K: τ and lr are pure functions of the global step
@@ -325,8 +335,9 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
         x1, x2 = (x.to(device, non_blocking=True) for x in images)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             outputs = model(x1, x2)
-        loss = byol_loss(*(t.float() for t in outputs))
-        losses.update(loss, x1.shape[0])
+        p1, p2, z1, z2 = (t.float() for t in outputs)
+        loss = byol_loss(p1, p2, z1, z2)
+        losses.update(loss, x1.shape[0]), p_stds.update(prediction_std(p1), x1.shape[0])  # this rank's batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -339,7 +350,7 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
             check_finite(losses, epoch, i, args)  # the only host sync, every print-freq steps
             if is_main:
                 progress.display(i)
-    return {"epoch": epoch, "loss": losses.avg, "tau": tau, "lr": optimizer.param_groups[0]["lr"]}
+    return {"epoch": epoch, "loss": losses.avg, "p_std": p_stds.avg, "tau": tau, "lr": optimizer.param_groups[0]["lr"]}
 
 
 def adjust_learning_rate(optimizer, step: int, steps_per_epoch: int, args):

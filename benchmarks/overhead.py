@@ -132,7 +132,7 @@ def build_byol(args, device, x1, x2, index):
     model = byol.BYOL(models.__dict__[a.arch], a.dim, a.hidden_dim).to(device).train()
     a.init_lr = a.lr * a.batch_size / 256
     optimizer = byol.LARS(byol.lars_param_groups(model), a.init_lr, momentum=a.momentum, weight_decay=a.wd)
-    losses, taus = common.AverageMeter("Loss"), common.AverageMeter("Tau")
+    losses, taus, p_stds = common.AverageMeter("Loss"), common.AverageMeter("Tau"), common.AverageMeter("Std(p)")
     total_steps = a.epochs * STEPS_PER_EPOCH
     counter = [0]
 
@@ -140,8 +140,9 @@ def build_byol(args, device, x1, x2, index):
         s = counter[0] % total_steps
         counter[0] += 1
         byol.adjust_learning_rate(optimizer, s, STEPS_PER_EPOCH, a)
-        loss = byol.byol_loss(*model(x1, x2))
-        losses.update(loss, x1.shape[0])
+        p1, p2, z1, z2 = model(x1, x2)
+        loss = byol.byol_loss(p1, p2, z1, z2)
+        losses.update(loss, x1.shape[0]), p_stds.update(byol.prediction_std(p1), x1.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

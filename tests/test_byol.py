@@ -168,6 +168,39 @@ def test_loss_is_eq_2_symmetrised_as_the_sum_of_both_directions():
     assert not torch.allclose(byol.byol_loss(p1, p2, z1, z2), expected / 2)  # a mean, not the sum
 
 
+# ------------------------------------------------------------------- prediction collapse monitor
+def test_a_constant_prediction_on_the_targets_mean_direction_scores_2_times_2_minus_2_sqrt_c():
+    """The plateau docs/byol.md names: every image predicted as the mean m of the normalised targets
+    scores cos = |m| with each target on average, and |m|² is the targets' mean pairwise cosine c."""
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(64, 32) + 0.8, torch.randn(64, 32) + 0.8  # a common component, as a ReLU layer gives
+    m1, m2 = (torch.nn.functional.normalize(z, dim=1).mean(0) for z in (z1, z2))
+    p1, p2 = m2.expand(64, 32) * 3.0, m1.expand(64, 32) * 0.5  # constant, any length; p1 predicts z2
+    c1, c2 = float(m1 @ m1), float(m2 @ m2)
+    assert 0.2 < c1 < 0.6 and 0.2 < c2 < 0.6
+    expected = (2 - 2 * math.sqrt(c2)) + (2 - 2 * math.sqrt(c1))
+    assert float(byol.byol_loss(p1, p2, z1, z2)) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("c", [0.0, 0.31, 0.9])
+def test_prediction_std_is_sqrt_of_1_minus_c_over_d(c):
+    """Unit predictions √c·u + √(1−c)·n with n isotropic (d = 256, the default): mean pairwise cosine
+    ≈ c, and the per-channel std of the normalised predictions ≈ √((1−c)/d); the scale of p is
+    irrelevant. 2 % is about 10 sd of the estimate at N = 4096."""
+    torch.manual_seed(0)
+    N, d = 4096, 256
+    u = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    n = torch.randn(N, d) / math.sqrt(d)
+    p = 5.0 * (math.sqrt(c) * u + math.sqrt(1 - c) * n)
+    assert float(byol.prediction_std(p)) == pytest.approx(math.sqrt((1 - c) / d), rel=0.02)
+
+
+def test_prediction_std_is_zero_when_every_prediction_has_the_same_direction():
+    torch.manual_seed(0)
+    p = (0.1 + 10 * torch.rand(64, 1)) * torch.randn(256)
+    assert float(byol.prediction_std(p)) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------ LARS
 def test_lars_is_the_linear_eval_copy():
     assert inspect.getsource(byol.LARS) == inspect.getsource(linear_eval.LARS)
@@ -224,6 +257,7 @@ def test_train_step_uses_the_global_step_and_updates_the_target_after_the_online
     # epoch 3 of 6 with 2 steps an epoch: global steps 6 and 7 of K = 12
     assert [tau for tau, _, _ in calls] == pytest.approx([byol.target_tau(k, 12, 0.9) for k in (6, 7)], abs=1e-12)
     assert metrics["tau"] == pytest.approx(byol.target_tau(7, 12, 0.9), abs=1e-12)
+    assert 0 < metrics["p_std"] < 1 and math.isfinite(metrics["p_std"])
     assert metrics["lr"] == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * (7 - 2) / (12 - 2))), abs=1e-12)
     tau, target_before, online_then = calls[-1]
     online_now = dict(model.encoder.named_parameters())
@@ -302,6 +336,7 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path, 
     K = 2 * STEPS
     assert a["tau"] == b["tau"] == pytest.approx(byol.target_tau(K - 1, K, 0.996), abs=1e-12)
     log = [json.loads(line) for line in (straight / "log.txt").read_text().splitlines()]
+    assert set(log[0]) == {"epoch", "loss", "p_std", "tau", "lr"}  # --knn-every 0: no knn_acc1
     init_lr = 0.2 * 16 / 256  # lr × batch/256; warm-up = epoch 0, then cosine over the 4 steps of epoch 1
     assert log[0]["lr"] == pytest.approx(init_lr * 3 / 4, abs=1e-12)
     assert log[1]["lr"] == pytest.approx(init_lr * 0.5 * (1 + math.cos(math.pi * 3 / 4)), abs=1e-12)
