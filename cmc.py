@@ -218,7 +218,9 @@ class CMC(nn.Module):
 @torch.no_grad()
 def fill_banks(model: nn.Module, loader, device):
     """--bank-init features: row i of each bank ← that view's initial encoder feature of image i
-    (evaluation view, BN in training mode as in a step), gathered over the ranks. With random rows
+    (evaluation view, BN in training mode as in a step), gathered over the ranks, before the first
+    step. A deviation, off by default: the banks of Sec. 3.2 start as random rows in the official code
+    (NCE/NCEAverage.py l. 19–21 @7b227be). With random rows
     the first epoch trains each view towards random directions (insdis.py's fill_bank has the
     measurement). A last batch of one image per rank is skipped (BN needs two): its rows stay random."""
     for images, _, index in loader:

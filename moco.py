@@ -192,7 +192,7 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor):
-        """Enqueue the keys of the whole global batch, overwrite the oldest (Sec. 3.1). The pointer
+        """Enqueue the keys of the whole global batch, overwrite the oldest (Sec. 3.2). The pointer
         stays on the device: no host sync."""
         keys = concat_all_gather(keys)  # global_batch×dim, identical on every rank
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % self.K
@@ -219,8 +219,10 @@ class MoCo(nn.Module):
 
 @torch.no_grad()
 def fill_queue(model: nn.Module, loader, device):
-    """--queue-init keys: the queue ← the initial key encoder's keys of the first K images (evaluation
-    view, BN in training mode as in a step). With random unit keys (the official initialisation) the
+    """--queue-init keys: the queue of Sec. 3.2 ("Dictionary as a queue") ← the initial key encoder's keys
+    of the first K images (evaluation view, BN in training mode as in a step), before the first step.
+    A deviation, off by default: the paper does not say how the queue starts, the official code fills
+    it with random unit vectors (builder.py l. 49–51 @7397dfe). With random unit keys the
     positive is the only non-random key for the first K/batch steps, and the loss pulls every query
     towards what all keys share: measured on synthetic:2500 (batch 64, K 512, lr 0.06) the head's output
     norm grew from 3.3 to 107 in 25 steps, almost all of it one direction common to every image
