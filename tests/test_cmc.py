@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import cmc
 import common
 import linear_eval
-from conftest import run_distributed, run_script
+from conftest import run_script
 
 TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--nce-k", "64", "-j", "0",
         "--seed", "0", "-p", "4"]
@@ -269,9 +269,9 @@ def _bank_step_worker(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(tmp_path):
-    run_distributed(_bank_step_worker, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+@pytest.mark.gloo_worker(worker=_bank_step_worker)
+def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(gloo_dir):
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
     for key in ("memory_l", "memory_ab"):  # same initial banks although the ranks were seeded differently
         assert torch.equal(r0["before"][key], r1["before"][key]), key
     for key in ("memory_l", "memory_ab", "Z_l", "Z_ab"):

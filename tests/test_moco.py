@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-from conftest import run_distributed, run_script
+from conftest import run_script
 
 TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--moco-k", "128", "-j", "0",
         "--seed", "0", "-p", "4"]
@@ -92,9 +92,9 @@ def _queue_step_worker(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_queue_holds_the_gathered_global_batch_and_is_identical_on_both_ranks(tmp_path):
-    run_distributed(_queue_step_worker, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+@pytest.mark.gloo_worker(worker=_queue_step_worker)
+def test_queue_holds_the_gathered_global_batch_and_is_identical_on_both_ranks(gloo_dir):
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
     assert torch.equal(r0["queue"], r1["queue"])
     assert int(r0["ptr"]) == int(r1["ptr"]) == 8  # the global batch, not the local 4
     global_keys = torch.cat([r0["k"], r1["k"]])  # rank order
@@ -170,9 +170,9 @@ def _shuffle_worker(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_shuffle_bn_across_two_ranks(tmp_path):
-    run_distributed(_shuffle_worker, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+@pytest.mark.gloo_worker(worker=_shuffle_worker)
+def test_shuffle_bn_across_two_ranks(gloo_dir):
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
     for r in (r0, r1):
         assert torch.equal(r["restored"], r["x"])  # shuffle then unshuffle is the identity
     # the shuffled batches are a permutation of the global batch that mixes the ranks

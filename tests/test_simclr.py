@@ -14,7 +14,7 @@ import torchvision.transforms as transforms
 
 import linear_eval
 import simclr
-from conftest import last_line, run_distributed, run_script
+from conftest import last_line, run_script
 
 TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "16", "-j", "0", "--seed", "0", "-p", "2",
         "--warmup-epochs", "1", "--temperature", "0.5"]
@@ -110,7 +110,8 @@ def _gather_worker(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_path):
+@pytest.mark.gloo_worker(worker=_gather_worker)
+def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(gloo_dir):
     """Two gloo ranks each hold half of the global batch; the reference is the brute-force loss on
     the whole batch in this process.
 
@@ -120,9 +121,8 @@ def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(tmp_p
     own embeddings must be W·∂L/∂z_rank: the sum over ranks of ∂loss_r/∂z_rank, which is what the
     backward all-reduce of the gather produces. A gather without gradient leaves only the rank's
     own term ∂loss_rank/∂z_rank and fails both checks below."""
-    W = 2
-    run_distributed(_gather_worker, str(tmp_path), world_size=W)
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    W = 2  # the ranks of gloo_dir's group
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
     Z1, Z2, X1, X2 = (t.clone().requires_grad_() for t in global_batch())
     ref = brute_force_nt_xent(Z1, Z2, 0.5)[0]
     ref.backward()
