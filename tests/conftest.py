@@ -47,6 +47,43 @@ def run_distributed(fn, *args, world_size: int = 2):
     mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
 
 
+def _run_workers(rank: int, world_size: int, jobs):
+    for fn, out_dir in jobs:
+        fn(rank, world_size, out_dir)
+        dist.barrier()  # both ranks leave one worker before either starts the next
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gloo_worker(worker=fn): the test reads what fn(rank, world_size, out_dir) "
+                                       "wrote on 2 gloo ranks; out_dir is the gloo_dir fixture (conftest.py)")
+
+
+def _worker_key(fn) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+@pytest.fixture(scope="session")
+def _gloo_runs(request, tmp_path_factory):
+    """Every worker named by a selected test's gloo_worker mark, run one after another in one 2-process gloo group:
+    one start-up of two processes (≈ 6.5 s each importing torch) for the session, not one per test."""
+    workers = {}
+    for item in request.session.items:
+        for mark in item.iter_markers("gloo_worker"):
+            workers[_worker_key(mark.kwargs["worker"])] = mark.kwargs["worker"]
+    root = tmp_path_factory.mktemp("gloo")
+    jobs = [(fn, root / key) for key, fn in workers.items()]
+    for _, out_dir in jobs:
+        out_dir.mkdir()
+    run_distributed(_run_workers, jobs)
+    return {key: out_dir for key, (_, out_dir) in zip(workers, jobs)}
+
+
+@pytest.fixture
+def gloo_dir(request, _gloo_runs):
+    """The folder the test's gloo_worker wrote into on both ranks (its own folder; the worker ran once)."""
+    return _gloo_runs[_worker_key(request.node.get_closest_marker("gloo_worker").kwargs["worker"])]
+
+
 def run_script(script: str, *args, nproc: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
     """The real command line: `python X.py ...`, or `torchrun --standalone --nproc_per_node=N X.py ...`."""
     launcher = [sys.executable] if nproc == 0 else [

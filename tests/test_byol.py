@@ -268,7 +268,7 @@ def test_train_step_uses_the_global_step_and_updates_the_target_after_the_online
 
 # ---------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_one_process_run_checkpoint_and_linear_eval(tmp_path):
+def test_one_process_run_checkpoint_and_linear_eval(tmp_path, capsys):
     out = tmp_path / "run"
     proc = run_script("byol.py", *TINY, "--epochs", "1", "--output-dir", out)
     assert proc.returncode == 0, proc.stderr
@@ -281,14 +281,15 @@ def test_one_process_run_checkpoint_and_linear_eval(tmp_path):
         assert any(k.startswith(prefix) for k in keys), prefix
     assert ckpt["tau"] == pytest.approx(byol.target_tau(STEPS - 1, STEPS, 0.996), abs=1e-12)  # last of K steps
 
+    # linear_eval.py in this process (its command line: test_linear_eval.py); a failure raises SystemExit here
     evaluate = ["--data", "synthetic:64", "--image-size", "16", "-j", "0", "-b", "16", "--seed", "0",
-                "--pretrained", out / "checkpoint.pth.tar", "--output-dir", tmp_path / "linear"]
-    proc = run_script("linear_eval.py", *evaluate, "--knn")
-    assert proc.returncode == 0, proc.stderr
-    assert "(module.encoder.)" in proc.stdout and "=> kNN" in proc.stdout
-    proc = run_script("linear_eval.py", *evaluate, "--epochs", "1", "--lr", "1.0")
-    assert proc.returncode == 0, proc.stderr
-    assert "sanity check passed" in proc.stdout
+                "--pretrained", str(out / "checkpoint.pth.tar"), "--output-dir", str(tmp_path / "linear")]
+    capsys.readouterr()
+    linear_eval.main(evaluate + ["--knn"])
+    stdout = capsys.readouterr().out
+    assert "(module.encoder.)" in stdout and "=> kNN" in stdout
+    linear_eval.main(evaluate + ["--epochs", "1", "--lr", "1.0"])
+    assert "sanity check passed" in capsys.readouterr().out
 
 
 @pytest.mark.slow

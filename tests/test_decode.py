@@ -20,7 +20,7 @@ import linear_eval
 import moco
 import simclr
 import simsiam
-from conftest import last_line, run_script
+from conftest import last_line
 
 PIPELINES = {  # every augmentation a script builds, at the paper's 224 px
     "moco": lambda: moco.build_transform(moco.parse_args(["--data", "x"])),
@@ -159,7 +159,7 @@ def test_the_decoders_agree_to_a_few_levels(tmp_path):
         common.read_image_tensor(str(tmp_path / "bad.jpg"))
 
 
-def test_a_run_with_decode_tensor_trains_on_a_folder_and_synthetic_data_refuses_it(tmp_path):
+def test_a_run_with_decode_tensor_trains_on_a_folder_and_synthetic_data_refuses_it(tmp_path, capsys):
     torch.manual_seed(0)
     for c in ("a", "b"):
         (tmp_path / "data" / "train" / c).mkdir(parents=True)
@@ -168,10 +168,10 @@ def test_a_run_with_decode_tensor_trains_on_a_folder_and_synthetic_data_refuses_
             Image.fromarray(pixels).save(tmp_path / "data" / "train" / c / f"{i}.jpg", quality=90)
     argv = ["-a", "resnet18", "-b", "4", "--image-size", "32", "--moco-k", "8", "-j", "0", "--epochs", "1",
             "--aug-plus", "--decode", "tensor"]
-    proc = run_script("moco.py", "--data", tmp_path / "data", *argv, "--output-dir", tmp_path / "out")
-    assert proc.returncode == 0, proc.stderr
+    moco.main(["--data", str(tmp_path / "data"), *argv, "--output-dir", str(tmp_path / "out")])  # in this process:
+    stdout = capsys.readouterr().out  # no interpreter start-up in the fast tier; a failure raises SystemExit here
     assert torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=True)["args"]["decode"] == "tensor"
     with pytest.raises(SystemExit) as err:
         moco.main(["--data", "synthetic:16", *argv, "--output-dir", str(tmp_path / "synthetic")])
     assert str(err.value) == "moco.py: --decode tensor is for image folders; --data synthetic is decoded in memory with PIL"
-    assert last_line(proc.stdout).startswith("=> done: epoch 1 of 1")
+    assert last_line(stdout).startswith("=> done: epoch 1 of 1")

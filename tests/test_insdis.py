@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import insdis
 import linear_eval
-from conftest import run_distributed, run_script
+from conftest import run_script
 
 TINY = ["--data", "synthetic:128", "-a", "resnet18", "-b", "32", "--nce-k", "32", "-j", "0",
         "--seed", "0", "-p", "2"]
@@ -172,9 +172,9 @@ def _fill_worker(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_bank_init_features_gives_both_ranks_the_same_bank_with_both_ranks_rows(tmp_path):
-    run_distributed(_fill_worker, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"fill{r}.pt") for r in (0, 1))
+@pytest.mark.gloo_worker(worker=_fill_worker)
+def test_bank_init_features_gives_both_ranks_the_same_bank_with_both_ranks_rows(gloo_dir):
+    r0, r1 = (torch.load(gloo_dir / f"fill{r}.pt") for r in (0, 1))
     assert torch.equal(r0["memory"], r1["memory"])
     torch.testing.assert_close(r0["memory"], torch.cat([r0["own"], r1["own"]]))
 
@@ -198,9 +198,9 @@ def _two_rank_worker(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(tmp_path):
-    run_distributed(_two_rank_worker, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+@pytest.mark.gloo_worker(worker=_two_rank_worker)
+def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(gloo_dir):
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
     assert torch.equal(r0["before"], r1["before"])
     assert torch.equal(r0["memory"], r1["memory"]) and torch.equal(r0["Z"], r1["Z"])
     # Z = N·mean over both ranks of exp(s): the mean of P = exp(s)/Z over the global batch is exactly 1/N

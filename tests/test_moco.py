@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-from conftest import run_distributed, run_script
+from conftest import run_script
 
 TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--moco-k", "128", "-j", "0",
         "--seed", "0", "-p", "4"]
@@ -92,9 +93,9 @@ def _queue_step_worker(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_queue_holds_the_gathered_global_batch_and_is_identical_on_both_ranks(tmp_path):
-    run_distributed(_queue_step_worker, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+@pytest.mark.gloo_worker(worker=_queue_step_worker)
+def test_queue_holds_the_gathered_global_batch_and_is_identical_on_both_ranks(gloo_dir):
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
     assert torch.equal(r0["queue"], r1["queue"])
     assert int(r0["ptr"]) == int(r1["ptr"]) == 8  # the global batch, not the local 4
     global_keys = torch.cat([r0["k"], r1["k"]])  # rank order
@@ -170,9 +171,9 @@ def _shuffle_worker(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_shuffle_bn_across_two_ranks(tmp_path):
-    run_distributed(_shuffle_worker, str(tmp_path))
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+@pytest.mark.gloo_worker(worker=_shuffle_worker)
+def test_shuffle_bn_across_two_ranks(gloo_dir):
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
     for r in (r0, r1):
         assert torch.equal(r["restored"], r["x"])  # shuffle then unshuffle is the identity
     # the shuffled batches are a permutation of the global batch that mixes the ranks
@@ -244,20 +245,21 @@ def test_the_command_line_trains_a_tiny_run_end_to_end(tmp_path, one_thread):
 
 
 @pytest.mark.slow
-def test_one_process_run_checkpoint_and_resume(tmp_path):
-    proc = run_script("moco.py", *TINY, "--epochs", "1", "--bn-splits", "2", "--mlp", "--aug-plus",
-                      "--cos", "--output-dir", tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "=> creating model 'resnet18'" in proc.stdout and "Acc@1" in proc.stdout
+def test_one_process_run_checkpoint_and_resume(tmp_path, capsys):
+    """In this process (moco.py's command line: the fast tier's run above and torchrun's below); a failure
+    raises SystemExit here."""
+    moco.main(TINY + ["--epochs", "1", "--bn-splits", "2", "--mlp", "--aug-plus", "--cos", "--output-dir", str(tmp_path)])
+    stdout = capsys.readouterr().out
+    assert "=> creating model 'resnet18'" in stdout and "Acc@1" in stdout
     ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["method"] == "moco" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
     keys = list(ckpt["state_dict"])
     assert all(k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue")) for k in keys)
     assert "module.queue" in keys and "module.queue_ptr" in keys and "module.encoder_q.fc.0.weight" in keys
-    proc = run_script("moco.py", *TINY, "--epochs", "2", "--bn-splits", "2", "--mlp", "--aug-plus",
-                      "--cos", "--output-dir", tmp_path, "--resume", "auto")
-    assert proc.returncode == 0, proc.stderr
-    assert "(epoch 1)" in proc.stdout and "Epoch: [1/2]" in proc.stdout and "Epoch: [0/2]" not in proc.stdout
+    moco.main(TINY + ["--epochs", "2", "--bn-splits", "2", "--mlp", "--aug-plus", "--cos", "--output-dir", str(tmp_path),
+                      "--resume", "auto"])
+    stdout = capsys.readouterr().out
+    assert "(epoch 1)" in stdout and "Epoch: [1/2]" in stdout and "Epoch: [0/2]" not in stdout
     assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
 
 
@@ -271,13 +273,24 @@ def test_two_process_run_with_torchrun(tmp_path):
     assert proc.stdout.count("Epoch: [0/1][0/8]") == 1
 
 
+KEYS_QUEUE = TINY + ["--bn-splits", "2", "--queue-init", "keys"]  # the queue is filled at the start, never on resume
+
+
+@pytest.fixture(scope="module")
+def keys_queue_one_epoch(tmp_path_factory):
+    """One epoch of KEYS_QUEUE in the main process (-j 0): the first half of the resumed run below, and the
+    reference of the loader-workers run; made once."""
+    out = tmp_path_factory.mktemp("moco_keys_queue")
+    moco.main(KEYS_QUEUE + ["--epochs", "1", "--output-dir", str(out)])
+    return out
+
+
 @pytest.mark.slow
-def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
+def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(keys_queue_one_epoch, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    argv = TINY + ["--bn-splits", "2", "--queue-init", "keys"]  # the queue is filled at the start, never on resume
-    moco.main(argv + ["--epochs", "2", "--output-dir", str(straight)])
-    moco.main(argv + ["--epochs", "1", "--output-dir", str(split)])
-    moco.main(argv + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    moco.main(KEYS_QUEUE + ["--epochs", "2", "--output-dir", str(straight)])
+    shutil.copytree(keys_queue_one_epoch, split)
+    moco.main(KEYS_QUEUE + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
     a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:  # weights, key encoder, queue and pointer, BN statistics
@@ -288,14 +301,14 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_loader_workers_train_exactly_as_the_main_process(tmp_path):
-    """Views are seeded per sample (common.SeededViews), so who loads a sample cannot change the run."""
-    runs = []
-    for workers in ("0", "2"):
-        argv = TINY + ["--seed", "0", "--epochs", "1", "--bn-splits", "2"]
-        argv[argv.index("-j") + 1] = workers
-        moco.main(argv + ["--output-dir", str(tmp_path / workers)])
-        runs.append(torch.load(tmp_path / workers / "checkpoint.pth.tar", weights_only=True)["state_dict"])
+def test_two_loader_workers_train_exactly_as_the_main_process(keys_queue_one_epoch, tmp_path):
+    """Views are seeded per sample (common.SeededViews), so who loads a sample cannot change the run (nor the
+    queue --queue-init keys fills from the loader)."""
+    argv = KEYS_QUEUE + ["--epochs", "1", "--output-dir", str(tmp_path)]
+    argv[argv.index("-j") + 1] = "2"
+    moco.main(argv)
+    runs = [torch.load(folder / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+            for folder in (keys_queue_one_epoch, tmp_path)]  # -j 0, -j 2
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key
 

@@ -16,7 +16,6 @@ import linear_eval
 import moco
 import simclr
 import simsiam
-from conftest import run_distributed
 
 MODULES = {"moco": moco, "simclr": simclr, "byol": byol, "simsiam": simsiam, "insdis": insdis, "cmc": cmc}
 BUILD = {  # the script's model with a tiny head: base_encoder -> model
@@ -130,10 +129,10 @@ def _monitor_on_ranks(rank, world_size, out_dir):
 
 
 @pytest.mark.slow
-def test_two_ranks_gather_their_shards_and_print_the_same_number_as_one(tmp_path):
+@pytest.mark.gloo_worker(worker=_monitor_on_ranks)
+def test_two_ranks_gather_their_shards_and_print_the_same_number_as_one(gloo_dir, tmp_path):
     _monitor_on_ranks(0, 1, tmp_path)
-    run_distributed(_monitor_on_ranks, tmp_path, world_size=2)
-    values = {p.name: float(p.read_text()) for p in tmp_path.iterdir()}
+    values = {p.name: float(p.read_text()) for folder in (tmp_path, gloo_dir) for p in folder.iterdir()}
     assert values["rank0_of2"] == values["rank1_of2"] == pytest.approx(values["rank0_of1"], abs=1e-4)
 
 

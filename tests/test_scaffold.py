@@ -19,6 +19,7 @@ import test_moco
 import test_simclr
 import test_simsiam
 from conftest import last_line, run_script
+from test_errors import ARGV
 
 NAN = float("nan")
 
@@ -90,14 +91,16 @@ def test_removed_official_flags_point_to_torchrun(name, capsys):
 @pytest.mark.slow
 @each_script
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(name, tmp_path, monkeypatch):
+    """On the smallest run (tests/test_errors.py: 16 images of 8 px, 2 steps an epoch): which loss turns NaN
+    and where does not depend on the size, and the short run of tests/test_<script>.py trains 4 to 8 steps."""
     script = SCRIPTS[name]
-    script.module.main(script.tiny + ["--epochs", "1", "--output-dir", str(tmp_path)])
+    script.module.main(ARGV[name] + ["--output-dir", str(tmp_path)])  # --epochs 1
     before = (tmp_path / "checkpoint.pth.tar").read_bytes()
     log_before = (tmp_path / "log.txt").read_text()
     monkeypatch.setattr(script.module, script.loss, script.nan_loss(getattr(script.module, script.loss)))
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]
     with pytest.raises(SystemExit) as err:
-        script.module.main(script.tiny + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
+        script.module.main(ARGV[name] + ["--epochs", "2", "--output-dir", str(tmp_path), "--resume", "auto"])
     assert str(err.value).startswith(f"{name}.py: loss is nan at epoch 1 step 0; stopped")
     assert handlers == [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)]  # given back
     assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
