@@ -1,6 +1,7 @@
-"""Representation quality per method for the same image budget, on `--data synthetic`.
+"""Representation quality per method on `--data synthetic`.
 
-Every method pre-trains a ResNet-18 for the same number of epochs (the same images seen), then
+Every method pre-trains a ResNet-18 for EPOCHS epochs (the methods in LONGER for more; the table
+names them), then
 the same weighted kNN (k=200, T=0.07) and the same linear probe evaluate its backbone, and a
 randomly initialised backbone (its BN statistics estimated on the training images) as the floor. Prints a markdown table (docs/results.md carries it).
 
@@ -90,6 +91,8 @@ def main(argv=None):
     parser.add_argument("--no-random", action="store_true", help="skip the random-init row (measured already)")
     parser.add_argument("--smoke", action="store_true", help="tiny data and one epoch: checks the pipeline only")
     args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be >= 1 (got {args.epochs})")
     if args.smoke:
         args.data, args.epochs, args.probe_epochs, args.workers, args.batch_size = "synthetic:256", 1, 1, 0, 32
         args.seeds = args.seeds[:1]

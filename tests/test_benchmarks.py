@@ -97,3 +97,10 @@ def test_every_scripts_cpu_command_is_its_row_of_the_quality_table():
         assert (args.data, args.arch, args.batch_size, args.epochs, args.stem, args.seed) == (
             "synthetic:2500", "resnet18", 64, quality.LONGER.get(method, quality.EPOCHS), "imagenet", 0)
         assert args.knn_every == 1  # the monitor is on: the table's kNN column is its last number
+
+
+def test_quality_rejects_a_bad_epoch_count_in_one_line(capsys):
+    quality = load("quality")
+    with pytest.raises(SystemExit) as err:
+        quality.main(["--epochs", "0"])
+    assert err.value.code == 2 and "--epochs must be >= 1 (got 0)" in capsys.readouterr().err
