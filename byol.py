@@ -8,7 +8,7 @@ target is an exponential moving average of the online weights (Eq. 1) and gets n
 the predictor makes online and target asymmetric, which is what keeps the representation from
 collapsing. LARS, large batches, global BN and asymmetric augmentations (Table 6) as in Sec. 3.3.
 
-    python byol.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --warmup-epochs 1 --tau-base 0.99 --lr 8  # 2 CPU cores (docs/results.md)
+    python byol.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --warmup-epochs 1 --tau-base 0.98 --lr 8 --zero-init-basic  # 2 CPU cores (docs/results.md)
     torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # 1 node
     torchrun --nproc_per_node=8 byol.py --data /imagenet --epochs 1000                         # Table 1 (Sec. 3.3)
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 byol.py --data /imagenet
@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet")
     group.add_argument("--dim", type=int, default=256, help="projection and prediction size (Sec. 3.3)")
     group.add_argument("--hidden-dim", type=int, default=4096, help="hidden size of projector and predictor (Sec. 3.3)")
+    group.add_argument("--zero-init-basic", action="store_true",
+                       help="γ = 0 in the last BN of basic blocks too (ResNet-18/34), as the official ResNet-50's "
+                            "bottlenecks; short runs: docs/results.md, item 5")
     group = parser.add_argument_group("method")
     group.add_argument("--tau-base", "--base-target-ema", type=float, default=0.996,
                        help="target decay rate τ at step 0, raised to 1 by a cosine (Sec. 3.3)")
@@ -146,15 +149,17 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
 
 
 class BYOL(nn.Module):
-    def __init__(self, base_encoder, dim: int = 256, hidden_dim: int = 4096):
+    def __init__(self, base_encoder, dim: int = 256, hidden_dim: int = 4096, zero_init_basic: bool = False):
         super().__init__()
         self.encoder = base_encoder(num_classes=dim)  # online f_θ; its fc becomes the projector g_θ
         # Each bottleneck block starts as the identity, γ = 0 in its last BN, as the official haiku
         # ResNet (dm-haiku@30b2cb5 resnet.py l. 99, BlockV1 bn_2 scale_init=zeros); basic blocks
-        # (ResNet-18/34) keep γ = 1 there. The target, a copy, starts the same.
+        # (ResNet-18/34) keep γ = 1 there unless zero_init_basic. The target, a copy, starts the same.
         for block in self.encoder.modules():
             if isinstance(block, models.resnet.Bottleneck):
                 nn.init.zeros_(block.bn3.weight)
+            elif isinstance(block, models.resnet.BasicBlock) and zero_init_basic:
+                nn.init.zeros_(block.bn2.weight)
         self.encoder.fc = mlp(self.encoder.fc.in_features, hidden_dim, dim)
         self.predictor = mlp(dim, hidden_dim, dim)  # q_θ, online only: the asymmetry (Sec. 3.1)
         self.target_encoder = copy.deepcopy(self.encoder)  # f_ξ and g_ξ start as a copy of θ
@@ -634,7 +639,7 @@ def main(argv=None):
 
     if is_main:
         print(f"=> creating model '{args.arch}'", flush=True)
-    model = BYOL(partial(resnet, args.arch, args.stem), args.dim, args.hidden_dim)
+    model = BYOL(partial(resnet, args.arch, args.stem), args.dim, args.hidden_dim, args.zero_init_basic)
     if ddp and device.type == "cuda":  # METHOD: global BN over the whole batch (Sec. 3.3); torch's SyncBN is GPU-only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

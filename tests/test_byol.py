@@ -131,9 +131,11 @@ def test_projector_is_the_encoder_fc_and_predictor_has_the_same_shape():
 
 def test_bottleneck_blocks_start_as_the_identity_in_online_and_target():
     """Official haiku ResNet (BlockV1): γ = 0 in the last BN of each bottleneck block (ResNet-50+),
-    the basic blocks of ResNet-18/34 keep γ = 1; every other BN has γ = 1. The target starts equal."""
-    for arch, last, zero in (("resnet50", "bn3", True), ("resnet18", "bn2", False)):
-        model = byol.BYOL(byol.models.__dict__[arch], dim=8, hidden_dim=16)
+    the basic blocks of ResNet-18/34 keep γ = 1 unless --zero-init-basic (and only those: a ResNet-50
+    is the same with it); every other BN has γ = 1. The target starts equal."""
+    for arch, last, zero, basic in (("resnet50", "bn3", True, False), ("resnet18", "bn2", False, False),
+                                    ("resnet50", "bn3", True, True), ("resnet18", "bn2", True, True)):
+        model = byol.BYOL(byol.models.__dict__[arch], dim=8, hidden_dim=16, zero_init_basic=basic)
         for encoder in (model.encoder, model.target_encoder):
             blocks = [block for layer in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)
                       for block in layer]
@@ -142,6 +144,16 @@ def test_bottleneck_blocks_start_as_the_identity_in_online_and_target():
                       if isinstance(m, nn.BatchNorm2d) and not name.endswith(last)]
             assert others and all(torch.all(w == 1) for w in others)
 
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--zero-init-basic"], True)])
+def test_zero_init_basic_flag_reaches_the_model(flag, expected, tmp_path, monkeypatch):
+    """main() hands --zero-init-basic to BYOL (stopped there: the init itself is checked above)."""
+    def built(base_encoder, dim, hidden_dim, zero_init_basic):
+        raise SystemExit(f"zero_init_basic={zero_init_basic}")
+    monkeypatch.setattr(byol, "BYOL", built)
+    with pytest.raises(SystemExit, match=f"zero_init_basic={expected}"):
+        byol.main(TINY + flag + ["--epochs", "1", "--output-dir", str(tmp_path)])
 
 # ------------------------------------------------------------------------------------------ loss
 def test_loss_is_0_for_the_same_direction_and_4_for_the_opposite():
