@@ -8,7 +8,7 @@ target is an exponential moving average of the online weights (Eq. 1) and gets n
 the predictor makes online and target asymmetric, which is what keeps the representation from
 collapsing. LARS, large batches, global BN and asymmetric augmentations (Table 6) as in Sec. 3.3.
 
-    python byol.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --warmup-epochs 1 --tau-base 0.98 --lr 8 --zero-init-basic  # 2 CPU cores (docs/results.md)
+    python byol.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --warmup-epochs 1 --tau-base 0.99 --lr 8 --zero-init-basic  # 2 CPU cores (docs/results.md)
     torchrun --nproc_per_node=8 byol.py --data /imagenet                                      # 1 node
     torchrun --nproc_per_node=8 byol.py --data /imagenet --epochs 1000                         # Table 1 (Sec. 3.3)
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 byol.py --data /imagenet

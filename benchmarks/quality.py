@@ -30,7 +30,7 @@ METHODS = {  # short-run adaptations, all at the same global batch (-b); why eac
     "moco": ["--moco-k", "512", "--moco-m", "0.99", "--mlp", "--moco-t", "0.2", "--aug-plus", "--cos",
              "--bn-splits", "2", "--lr", "0.06", "--queue-init", "keys"],
     "simclr": ["--temperature", "0.5", "--warmup-epochs", "1", "--lr-scaling", "sqrt", "--lr", "0.25"],
-    "byol": ["--warmup-epochs", "1", "--tau-base", "0.99", "--lr", "8"],
+    "byol": ["--warmup-epochs", "1", "--tau-base", "0.99", "--lr", "8", "--zero-init-basic"],
     "simsiam": ["--fix-pred-lr", "--lr", "2", "--wd", "5e-4"],
     "insdis": ["--nce-k", "512", "--softmax", "--bank-init", "features"],
     "cmc": ["--nce-k", "512", "--softmax", "--bank-init", "features"],
