@@ -342,7 +342,8 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
             outputs = model(x1, x2)
         p1, p2, z1, z2 = (t.float() for t in outputs)
         loss = byol_loss(p1, p2, z1, z2)
-        losses.update(loss, x1.shape[0]), p_stds.update(prediction_std(p1), x1.shape[0])  # this rank's batch
+        losses.update(loss, x1.shape[0])
+        p_stds.update(prediction_std(p1), x1.shape[0])  # this rank's batch
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -145,7 +145,6 @@ def test_bottleneck_blocks_start_as_the_identity_in_online_and_target():
             assert others and all(torch.all(w == 1) for w in others)
 
 
-
 @pytest.mark.parametrize("flag, expected", [([], False), (["--zero-init-basic"], True)])
 def test_zero_init_basic_flag_reaches_the_model(flag, expected, tmp_path, monkeypatch):
     """main() hands --zero-init-basic to BYOL (stopped there: the init itself is checked above)."""
@@ -154,6 +153,7 @@ def test_zero_init_basic_flag_reaches_the_model(flag, expected, tmp_path, monkey
     monkeypatch.setattr(byol, "BYOL", built)
     with pytest.raises(SystemExit, match=f"zero_init_basic={expected}"):
         byol.main(TINY + flag + ["--epochs", "1", "--output-dir", str(tmp_path)])
+
 
 # ------------------------------------------------------------------------------------------ loss
 def test_loss_is_0_for_the_same_direction_and_4_for_the_opposite():
