@@ -7,7 +7,7 @@ symmetrised (Eq. 2). No negatives, no momentum encoder, no large batch: the stop
 (Eq. 3–4) alone keeps the outputs from collapsing to a constant (Sec. 4.1, Fig. 2), which the
 logged std of the L2-normalised z watches. SGD with a cosine schedule, MoCo v2 augmentation.
 
-    python simsiam.py --data synthetic:2500 -a resnet18 -b 64 --epochs 12 --stem imagenet -j 2 --seed 0 --fix-pred-lr --lr 2 --wd 5e-4  # 2 CPU cores (docs/results.md)
+    python simsiam.py --data synthetic:2500 -a resnet18 -b 64 --epochs 12 --stem imagenet -j 2 --seed 0 --fix-pred-lr --lr 1 --wd 5e-4  # 2 CPU cores (docs/results.md)
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet                                # Sec. 3 baseline, 1 node
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet --fix-pred-lr                  # Table 1(c), official README
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 simsiam.py --data /imagenet
