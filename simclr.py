@@ -7,7 +7,7 @@ batch: the negatives are the batch itself, no queue or memory bank, so large bat
 LARS and global BN (Sec. 2.2) and strong colour distortion plus crops (Sec. 3, App. A) make it work.
 Under DDP the views of all processes are gathered with their gradient: one loss over the global batch.
 
-    python simclr.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --temperature 0.5 --warmup-epochs 1 --lr-scaling sqrt --lr 0.25  # 2 CPU cores (docs/results.md)
+    python simclr.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --temperature 0.5 --warmup-epochs 1 --lr-scaling sqrt --lr 0.125  # 2 CPU cores (docs/results.md)
     torchrun --nproc_per_node=8 simclr.py --data /imagenet             # Sec. 2.3 default: batch 4096, 100 epochs
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 simclr.py --data /imagenet
 
