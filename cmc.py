@@ -54,8 +54,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
     group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
-    group.add_argument("--decode", choices=["pil", "tensor"], default="pil",
-                       help="image folders: pil (Pillow and its ops, as the official code) or tensor (torchvision.io decode, transforms.v2 on uint8; docs/gpu.md)")
     group = parser.add_argument_group("model")
     group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",  # SCAFFOLD
                        help="ResNet stem; cifar: 3×3 stride-1 conv1, no max-pool; auto: cifar for crops ≤ 32 px")
@@ -611,7 +609,7 @@ def main(argv=None):
 
     try:
         dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root,
-                                       return_index=True, decode=args.decode)  # METHOD: the index is the bank row
+                                       return_index=True)  # METHOD: the index is the bank row
     except common.DataError as err:
         fail(str(err))
     if len(dataset) < args.batch_size:

@@ -5,18 +5,15 @@ weighted kNN classifier (`extract_features`, `knn_classify`) shared by `linear_e
 the online kNN monitor of every training script.
 Data: `build_dataset` (`--data`), `build_loader` (`ResumableSampler` + set_epoch), the evaluation
 view (`eval_transform`), the multi-view transform, the augmentation ops torchvision lacks in the papers' exact form, colour conversions
-for CMC, the built-in `synthetic` dataset, and `--decode tensor` for image folders (`read_image_tensor`, `tensor_transform`).
+for CMC, and the built-in `synthetic` dataset.
 """
 import itertools
-import math
 import os
 import random
 
 import torch
 import torchvision.datasets as datasets
-import torchvision.io
 import torchvision.transforms as transforms
-import torchvision.transforms.v2 as v2
 from PIL import Image, ImageFilter
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -145,11 +142,7 @@ class GaussianBlur:
         self.sigma, self.reference_size = sigma, reference_size
 
     def __call__(self, img):
-        width = img.shape[-1] if torch.is_tensor(img) else img.width
-        sigma = random.uniform(*self.sigma) * width / self.reference_size
-        if torch.is_tensor(img):  # --decode tensor: a true Gaussian cut at 3σ (PIL's is three box blurs)
-            kernel = 2 * math.ceil(3 * sigma) + 1
-            return v2.functional.gaussian_blur(img, [kernel, kernel], [sigma, sigma])
+        sigma = random.uniform(*self.sigma) * img.width / self.reference_size
         return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
@@ -214,44 +207,6 @@ def load_image(path: str) -> Image.Image:
             return Image.open(f).convert("RGB")
     except Exception as err:  # any PIL or OS failure is the same problem for the user
         raise DataError(f"cannot read image '{path}': {err}") from None
-
-
-def read_image_tensor(path: str) -> torch.Tensor:
-    """--decode tensor: the file decoded by torchvision.io (libjpeg-turbo for JPEG) to a 3×H×W uint8 RGB tensor."""
-    try:
-        return torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
-    except Exception as err:  # as load_image: any failure is one line naming the file
-        raise DataError(f"cannot read image '{path}': {err}") from None
-
-
-# --decode tensor: each PIL op of a pipeline -> the transforms.v2 op with the same parameters, on uint8 tensors.
-# The parameters are drawn from the same distributions (tests/test_decode.py); the pixels differ by rounding
-# and by the ops' own arithmetic (docs/gpu.md lists each difference). Ops already on tensors stay.
-TENSOR_OPS = {
-    transforms.Compose: lambda t: v2.Compose([tensor_transform(op) for op in t.transforms]),
-    transforms.RandomApply: lambda t: v2.RandomApply([tensor_transform(op) for op in t.transforms], p=t.p),
-    transforms.RandomResizedCrop: lambda t: v2.RandomResizedCrop(t.size, t.scale, t.ratio, t.interpolation, antialias=True),
-    transforms.Resize: lambda t: v2.Resize(t.size, t.interpolation, t.max_size, antialias=True),
-    transforms.CenterCrop: lambda t: v2.CenterCrop(t.size),
-    transforms.RandomHorizontalFlip: lambda t: v2.RandomHorizontalFlip(t.p),
-    transforms.ColorJitter: lambda t: v2.ColorJitter(t.brightness, t.contrast, t.saturation, t.hue),
-    transforms.RandomGrayscale: lambda t: v2.RandomGrayscale(t.p),
-    transforms.GaussianBlur: lambda t: v2.GaussianBlur(t.kernel_size, t.sigma),
-    transforms.RandomSolarize: lambda t: v2.RandomSolarize(t.threshold, t.p),
-    transforms.ToTensor: lambda t: v2.ToDtype(torch.float32, scale=True),  # uint8 -> [0, 1], as ToTensor
-}
-
-
-def tensor_transform(t):
-    """A PIL augmentation pipeline rewritten for 3×H×W uint8 tensors (`read_image_tensor`); an op it does
-    not know is an error, never dropped."""
-    if isinstance(t, MultiView):
-        return MultiView([tensor_transform(view) for view in t.views])
-    if isinstance(t, (transforms.Normalize, GaussianBlur, ToColorSpace)):  # float tensors, or both kinds
-        return t
-    if type(t) not in TENSOR_OPS:
-        raise TypeError(f"--decode tensor: no tensor version of {type(t).__name__}")
-    return TENSOR_OPS[type(t)](t)
 
 
 class SyntheticTextures(torch.utils.data.Dataset):
@@ -373,14 +328,11 @@ def default_image_size(data: str) -> int:
 
 
 def build_dataset(data: str, split: str, transform, data_root: str = "./data",
-                  return_index: bool = False, decode: str = "pil"):
+                  return_index: bool = False):
     """`--data` → dataset. split: "pretrain" (STL-10 adds its unlabelled images), "train" or "val".
 
-    An image folder is `ROOT/train/CLASS/*` + `ROOT/val/CLASS/*`, or `ROOT/CLASS/*` (train only); decode
-    "tensor" reads its files with `read_image_tensor` and runs `tensor_transform(transform)`."""
+    An image folder is `ROOT/train/CLASS/*` + `ROOT/val/CLASS/*`, or `ROOT/CLASS/*` (train only)."""
     name, _, arg = data.partition(":")
-    if decode != "pil" and name in ("synthetic", "cifar10", "cifar100", "stl10"):
-        raise DataError(f"--decode {decode} is for image folders; --data {name} is decoded in memory with PIL")
     if name == "synthetic":
         size = int(arg) if arg else 5000
         n = size if split != "val" else max(size // 5, SyntheticTextures.num_classes)
@@ -407,10 +359,7 @@ def build_dataset(data: str, split: str, transform, data_root: str = "./data",
             raise DataError(f"data folder '{data}' has no val/ folder for evaluation")
         root = os.path.join(data, "val" if split == "val" else "train") if has_splits else data
         try:
-            if decode == "tensor":
-                dataset = datasets.ImageFolder(root, transform=tensor_transform(transform), loader=read_image_tensor)
-            else:
-                dataset = datasets.ImageFolder(root, transform=transform, loader=load_image)
+            dataset = datasets.ImageFolder(root, transform=transform, loader=load_image)
         except (FileNotFoundError, RuntimeError) as err:  # no class folder / no image in them
             raise DataError(f"data folder '{root}' holds no images: {err}") from None
     return WithIndex(dataset) if return_index else dataset

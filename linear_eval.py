@@ -84,8 +84,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
     group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
     group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
-    group.add_argument("--decode", choices=["pil", "tensor"], default="pil",
-                       help="image folders: pil (Pillow and its ops, as the official code) or tensor (torchvision.io decode, transforms.v2 on uint8; docs/gpu.md)")
     group = parser.add_argument_group("model")
     group.add_argument("-a", "--arch", default=None, help="torchvision ResNet; None: the checkpoint's (or the one its tensors fit), resnet50 without --pretrained")
     group.add_argument("--pretrained", default="", help="checkpoint to evaluate; none = random init")
@@ -780,10 +778,9 @@ def main(argv=None):
                 net.compile()
 
     try:
-        train_set = common.build_dataset(args.data, "train", train_transform(args, backbone.cmc_view), args.data_root,
-                                         decode=args.decode)
+        train_set = common.build_dataset(args.data, "train", train_transform(args, backbone.cmc_view), args.data_root)
         val_set = common.build_dataset(args.data, "val", eval_transform(args, backbone.cmc_view), args.data_root,
-                                       return_index=True, decode=args.decode)
+                                       return_index=True)
     except common.DataError as err:
         fail(str(err))
     if len(train_set) < args.batch_size:
@@ -791,8 +788,7 @@ def main(argv=None):
     num_classes = len(train_set.classes)
     per_process = args.batch_size // world_size
     if reference is None:
-        plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view), args.data_root,
-                                     decode=args.decode)
+        plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view), args.data_root)
         estimate_bn_statistics(backbone, common.build_loader(plain, per_process, args.workers, rank, world_size,
                                                              train=False), device)
         reference = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -801,7 +797,7 @@ def main(argv=None):
 
     if args.knn:  # Wu et al. Sec. 3.4, on the training images without augmentation
         train_plain = common.build_dataset(args.data, "train", eval_transform(args, backbone.cmc_view),
-                                           args.data_root, return_index=True, decode=args.decode)
+                                           args.data_root, return_index=True)
         loader = common.build_loader(train_plain, per_process, args.workers, rank, world_size, train=False)
         train_feats, train_labels = features(backbone, loader, device, "train", args, is_main)
         scores = common.knn_classify(F.normalize(val_feats, dim=1), F.normalize(train_feats, dim=1),

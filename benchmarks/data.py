@@ -4,18 +4,12 @@ ImageNet-size JPEGs (500×375, quality 90: smooth colour fields with an edge, te
 each; ImageNet's training JPEGs average ~110 KB, 138 GB over 1.28 M files) are generated into a temporary
 image folder. For each method, the script's own
 `build_transform(args)` at 224 px (its paper defaults; MoCo also with `--aug-plus`) runs on them exactly as
-one DataLoader worker runs it: read the file, decode, make every view. Two paths:
-
-    pil     common.load_image (Pillow decode) and the script's transforms on PIL images: the default,
-            as the official code
-    tensor  common.read_image_tensor (torchvision.io.decode_image, libjpeg-turbo) and
-            common.tensor_transform(...) of the same pipeline: transforms.v2 ops on 3×H×W uint8 tensors
-            (`--decode tensor` in the training scripts)
+one DataLoader worker runs it: read the file, decode with Pillow (common.load_image), make every view.
 
 One thread (torch.set_num_threads(1), as in a loader worker), timed in CPU seconds of this process
 (time.process_time), so that other jobs sharing the core do not count; under `taskset -c 0` it also stays
 on one core. images/s per core = images / CPU seconds, the median of --reps passes over the folder after
-one untimed pass, the PIL and tensor passes interleaved.
+one untimed pass.
 
 Cores per GPU = (GPU images/s of the method) / (images/s per core), the GPU images/s being a supervised
 ResNet-50 training step rate (--gpu-rate) divided by the backbone passes the method needs, counted in
@@ -83,13 +77,11 @@ def make_jpegs(folder: str, n: int, width: int = 500, height: int = 375, quality
     return paths
 
 
-def pipeline(row: str, decode: str, image_size: int):
+def pipeline(row: str, image_size: int):
     """(read, transform) of one method's training pipeline, as its DataLoader worker runs it."""
     script, flags = METHODS[row]
     module = importlib.import_module(script)
     transform = module.build_transform(module.parse_args(["--data", "folder", "--image-size", str(image_size), *flags]))
-    if decode == "tensor":
-        return common.read_image_tensor, common.tensor_transform(transform)
     return common.load_image, transform
 
 
@@ -132,16 +124,11 @@ def main(argv=None) -> list:
         with tempfile.TemporaryDirectory() as folder:
             paths = make_jpegs(folder, args.images)
             kb = statistics.mean(os.path.getsize(p) for p in paths) / 1000
-            decode = images_per_second({"pil": (common.load_image, lambda x: x),  # the decode alone
-                                        "tensor": (common.read_image_tensor, lambda x: x)}, paths, args.reps)
+            rates = images_per_second({"decode": (common.load_image, lambda x: x),  # the decode alone
+                                       **{row: pipeline(row, args.image_size) for row in args.methods}}, paths, args.reps)
             for row in args.methods:
-                rates = images_per_second({path: pipeline(row, path, args.image_size) for path in ("pil", "tensor")},
-                                          paths, args.reps)
                 gpu = args.gpu_rate / PASSES[METHODS[row][0]]  # images/s the GPU takes of this method
-                rows.append({"method": row, "pil": rates["pil"], "tensor": rates["tensor"],
-                             "speedup": rates["tensor"] / rates["pil"], "gpu_images_per_s": gpu,
-                             "cores_pil": gpu / rates["pil"], "cores_tensor": gpu / rates["tensor"]})
-                print(f"{row}: pil {rates['pil']:.1f}, tensor {rates['tensor']:.1f} images/s", file=sys.stderr, flush=True)
+                rows.append({"method": row, "pil": rates[row], "gpu_images_per_s": gpu, "cores": gpu / rates[row]})
     finally:  # main() may run inside another process (the tests)
         torch.set_num_threads(threads)
 
@@ -150,12 +137,10 @@ def main(argv=None) -> list:
     print(f"\n{datetime.date.today()}, {cpu}, {affinity} core(s) allowed, 1 thread, torch {torch.__version__}, "
           f"{args.images} JPEGs 500×375 q90 ({kb:.0f} KB mean), {args.image_size} px crops, {args.reps} passes "
           f"(median, CPU time); GPU {args.gpu_rate:.0f} supervised images/s\n")
-    print(f"decode only, images/s per core: pil {decode['pil']:.1f}, tensor {decode['tensor']:.1f}\n")
-    print("| method | PIL images/s per core | tensor images/s per core | tensor ÷ PIL | GPU images/s | "
-          "cores per GPU, PIL | cores per GPU, tensor |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"decode only: {rates['decode']:.1f} images/s per core\n")
+    print("| method | images/s per core | GPU images/s | cores per GPU |\n| --- | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['method']} | {r['pil']:.1f} | {r['tensor']:.1f} | {r['speedup']:.2f} | {r['gpu_images_per_s']:.0f} "
-              f"| {r['cores_pil']:.1f} | {r['cores_tensor']:.1f} |")
+        print(f"| {r['method']} | {r['pil']:.1f} | {r['gpu_images_per_s']:.0f} | {r['cores']:.1f} |")
     return rows
 
 
