@@ -1,30 +1,22 @@
-"""CMC: Contrastive Multiview Coding.
-Tian, Krishnan, Isola, ECCV 2020, arXiv:1906.05849.
+"""CMC: Contrastive Multiview Coding. Tian, Krishnan, Isola, ECCV 2020, arXiv:1906.05849.
 
-Two views of one image, the L and ab channels of Lab (or Y and CbCr with --view YCbCr), each get
-their own encoder. A view's feature must pick out the other view of the same image among K noise
-images (Eq. 3-5): the loss is symmetric, L(l→ab) + L(ab→l). The other views come from a memory
-bank per view (Wu et al. 2018) that holds one slowly updated feature per training image, and the
-(K+1)-way softmax is approximated by NCE with a normalisation constant Z fixed after the first
-batch (Sec. 3.2, "Implementing the contrastive loss"); --softmax uses the exact cross-entropy.
-
-    python cmc.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 --nce-k 512 --softmax --bank-init features  # 2 CPU cores (docs/results.md)
-    torchrun --nproc_per_node=4 cmc.py --data /imagenet --crop-min 0.08                      # official recipe: NCE, Lab
-    torchrun --nproc_per_node=4 cmc.py --data /imagenet --crop-min 0.08 --softmax --view YCbCr --nce-k 16384  # README's best
-    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 cmc.py --data /imagenet --crop-min 0.08
-
-On ImageNet the official train_CMC.py crops ResNets from 8 % of the area (l. 95–97); its default,
-and ours, is 20 % (l. 88), which it keeps for ImageNet-100 and AlexNet.
-
-Documentation: docs/cmc.md (usage, implementation details against the official code, results, metrics).
-"""
+Two views of one image, the L and ab channels of Lab (Y and CbCr with --view YCbCr), each get their own encoder. A
+view's feature must pick out the other view of the same image among K noise images (Eq. 3-5), symmetrically:
+L(l→ab) + L(ab→l). The other views come from a memory bank per view (Wu et al. 2018), one slowly updated feature per
+image; NCE with a normalisation constant Z fixed after the first batch approximates the (K+1)-way softmax (Sec. 3.2),
+--softmax is the exact cross-entropy. ImageNet ResNets: the official code crops from 8 % (--crop-min 0.08).
+    python cmc.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 \
+        --nce-k 512 --softmax --bank-init features  # CPU
+    torchrun --nproc_per_node=4 cmc.py --data /imagenet --crop-min 0.08 [--softmax --view YCbCr --nce-k 16384]
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 cmc.py /imagenet --crop-min 0.08
+Usage, implementation details against the official code, results: docs/cmc.md."""
 import argparse
+import contextlib
 import inspect
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import tempfile
@@ -37,118 +29,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as models
 import torchvision.transforms as transforms
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 
 PROG = "cmc.py"
-RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",  # -a: the torchvision
-           "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]  # builders of a ResNet
+RESNETS = [name for name in models.list_models(module=models) if name.startswith(("resnet", "resnext", "wide_resnet"))]
+GONE = ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank")  # torchrun's now
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description="CMC pre-training (two colour views, memory banks)",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    group = parser.add_argument_group("data")  # SCAFFOLD
-    group.add_argument("data_pos", nargs="?", metavar="DATA", help="same as --data (official spelling)")
-    group.add_argument("--data", help="image folder, or synthetic[:N], cifar10, cifar100, stl10")
-    group.add_argument("--data-root", default="./data", help="download folder for torchvision datasets")
-    group.add_argument("--image-size", type=int, default=None, help="crop size; None: 224, 32 for CIFAR/synthetic, 96 for STL-10")
-    group.add_argument("-j", "--workers", type=int, default=8, help="data-loading workers per process")
-    group = parser.add_argument_group("model")
-    group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto",  # SCAFFOLD
-                       help="ResNet stem; cifar: 3×3 stride-1 conv1, no max-pool; auto: cifar for crops ≤ 32 px")
-    group.add_argument("-a", "--arch", default="resnet50", help="torchvision ResNet (one per view)")
-    group.add_argument("--feat-dim", "--feat_dim", type=int, default=128, help="feature dimension d")
-    group = parser.add_argument_group("method")
-    group.add_argument("--view", default="Lab", choices=["Lab", "YCbCr"], help="colour space split into the two views")
-    group.add_argument("--nce-k", "--nce_k", type=int, default=4096, help="noise samples K per positive")
-    group.add_argument("--nce-t", "--nce_t", type=float, default=0.07, help="temperature τ (Eq. 4)")
-    group.add_argument("--nce-m", "--nce_m", type=float, default=0.5, help="memory-bank momentum")
-    group.add_argument("--softmax", action="store_true", help="(K+1)-way softmax cross-entropy instead of NCE")
-    group.add_argument("--bank-init", choices=["random", "features"], default="random",
-                       help="random: random unit rows (official); features: the initial encoders' features of every "
-                            "image, so the first epoch's positives are not random (short runs)")
-    group.add_argument("--crop-min", "--crop_low", type=float, default=0.2,
-                       help="smallest crop area (official, ResNets on ImageNet: 0.08)")
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=240, help="epochs to train in all")
-    group.add_argument("-b", "--batch-size", type=int, default=128, help="global batch over all processes")
-    group.add_argument("--lr", "--learning-rate", type=float, default=0.03, help="lr (not scaled by batch)")
-    group.add_argument("--momentum", type=float, default=0.9, help="optimizer momentum")
-    group.add_argument("--wd", "--weight-decay", type=float, default=1e-4, help="weight decay")
-    group.add_argument("--schedule", type=int, nargs="*", default=[120, 160, 200], help="lr ×0.1 at these epochs")
-    group = parser.add_argument_group("run")  # SCAFFOLD
-    group.add_argument("--output-dir", default="./runs/cmc", help="checkpoint.pth.tar and log.txt go here")
-    group.add_argument("--resume", default="", help="checkpoint path, or 'auto' for <output-dir>/checkpoint.pth.tar")
-    group.add_argument("--start-epoch", type=int, default=0, help="first epoch (--resume sets it)")
-    group.add_argument("--seed", type=int, default=None, help="makes a CPU run repeatable, resume included")
-    group.add_argument("-p", "--print-freq", type=int, default=10, help="a progress line every N steps")
-    group.add_argument("--save-every-steps", type=int, default=0,
-                       help="also write the checkpoint every N steps of an epoch (0: at epoch ends and on a stop signal)")
-    group.add_argument("--save-every-minutes", type=float, default=0,
-                       help="also write it every M minutes (under torchrun checked every --print-freq steps; 0: off)")
-    group.add_argument("--knn-every", type=int, default=None,
-                       help="kNN monitor every N epochs, 0 = off; None: 1 for synthetic, CIFAR and STL-10, 0 for "
-                            "image folders (each time it embeds the train and val splits, forward only)")
-    group.add_argument("--knn-k", type=int, default=200, help="kNN monitor: neighbours that vote")
-    group.add_argument("--knn-t", type=float, default=0.07, help="kNN monitor: vote temperature")
-    group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders (CUDA; runs on CPU too, slowly); losses in float32")
-    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile each ResNet encoder, in place (checkpoint keys unchanged); the first steps compile")
-    for gone in ("--dist-url", "--multiprocessing-distributed", "--gpu", "--world-size", "--rank"):
-        group.add_argument(gone, action=GoneFlag, nargs="?", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.data = args.data or args.data_pos
-    if not args.data:
-        parser.error("--data is required")
-    args.image_size = common.default_image_size(args.data) if args.image_size is None else args.image_size
-    args.stem = ("cifar" if args.image_size <= 32 else "imagenet") if args.stem == "auto" else args.stem
-    if args.knn_every is None:
-        args.knn_every = int(args.data.split(":")[0] in ("synthetic", "cifar10", "cifar100", "stl10"))
-    if args.knn_every < 0 or args.knn_k < 1 or args.knn_t <= 0:  # SCAFFOLD
-        parser.error(f"the kNN monitor needs --knn-every >= 0, --knn-k >= 1 and --knn-t > 0 (got "
-                     f"{args.knn_every}, {args.knn_k}, {args.knn_t})")
-    check_ranges(parser, args, [  # SCAFFOLD: ResNets run at any crop ≥ 1 px with either stem (measured)
-        ("-b/--batch-size", args.batch_size >= 1, ">= 1"),
-        ("--epochs", args.epochs >= 1, ">= 1"),
-        ("--start-epoch", 0 <= args.start_epoch < args.epochs, "in [0, --epochs)"),
-        ("--lr", args.lr > 0, "> 0"),
-        ("--momentum", 0 <= args.momentum <= 1, "in [0, 1]"),
-        ("--wd", args.wd >= 0, ">= 0"),
-        ("-j/--workers", args.workers >= 0, ">= 0"),
-        ("-p/--print-freq", args.print_freq >= 1, ">= 1"),
-        ("--save-every-steps", args.save_every_steps >= 0, ">= 0 (0: off)"),
-        ("--save-every-minutes", args.save_every_minutes >= 0, ">= 0 (0: off)"),
-        ("--image-size", args.image_size >= 1, ">= 1"),
-        ("-a/--arch", args.arch in RESNETS, "a torchvision ResNet: " + ", ".join(RESNETS)),
-    ])
-    check_ranges(parser, args, [  # METHOD
-        ("--nce-k", args.nce_k >= 1, ">= 1 and below the number of images"),
-        ("--nce-t", args.nce_t > 0, "> 0"),
-        ("--nce-m", 0 <= args.nce_m <= 1, "in [0, 1]"),
-        ("--feat-dim", args.feat_dim >= 1, ">= 1"),
-        ("--crop-min", 0 < args.crop_min <= 1, "in (0, 1]"),
-    ])
-    return args
-
-
-class GoneFlag(argparse.Action):  # SCAFFOLD
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is gone: launch with torchrun (see the docstring)")
-
-
-def check_ranges(parser, args, checks):  # SCAFFOLD
-    """(flag, ok, accepted range): the first flag out of its range is one argparse error line."""
-    for flag, ok, accepted in checks:
-        if not ok:  # the value: args.<the long flag's name>
-            parser.error(f"{flag} must be {accepted} (got {getattr(args, flag.split('--')[-1].replace('-', '_'))})")
-
-
-# ------------------------------------------------------------------------------------------ METHOD
+# ------------------------------------------------------------------------------------------------------------ METHOD
 class CMC(nn.Module):
-    def __init__(self, base_encoder, n_data: int, dim: int = 128, K: int = 4096, T: float = 0.07,
-                 m: float = 0.5, softmax: bool = False):
+    def __init__(self, base_encoder, n_data: int, dim: int = 128, K: int = 4096, T: float = 0.07, m: float = 0.5,
+                 softmax: bool = False):
         super().__init__()
         self.n_data, self.K, self.T, self.m, self.softmax = n_data, K, T, m, softmax
         self.encoder_l = base_encoder(num_classes=dim)  # L (or Y): 1 input channel
@@ -157,21 +50,19 @@ class CMC(nn.Module):
             conv1 = encoder.conv1  # the stem's kernel, stride and padding, for 1 or 2 input channels
             encoder.conv1 = nn.Conv2d(in_channels, 64, conv1.kernel_size, conv1.stride, conv1.padding, bias=False)
             nn.init.kaiming_normal_(encoder.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
-        # One bank per view, a feature per training image (Sec. 3.2, after Wu et al. 2018). Buffers: in
-        # the checkpoint, restored on resume, never sent by DDP (broadcast_buffers=False skips them even
-        # at construction), so every rank draws the same initial rows from a fixed generator and
-        # _update_memory keeps them identical.
+        # One bank per view, a feature per training image (Sec. 3.2, after Wu et al. 2018). Buffers: in the checkpoint,
+        # never sent by DDP; a fixed generator makes them the same on every rank, _update_memory keeps them so.
         generator = torch.Generator().manual_seed(0)
         self.register_buffer("memory_l", F.normalize(torch.randn(n_data, dim, generator=generator), dim=1))  # N×d
         self.register_buffer("memory_ab", F.normalize(torch.randn(n_data, dim, generator=generator), dim=1))  # N×d
-        self.register_buffer("Z_l", torch.tensor(-1.0))  # NCE normalisation constants, −1 = not estimated yet
+        self.register_buffer("Z_l", torch.tensor(-1.0))  # NCE normalisation constants, −1: not estimated yet
         self.register_buffer("Z_ab", torch.tensor(-1.0))
         self.Z_known = False  # host-side flag: the buffers are read on the host once per run, not every step
 
     @torch.no_grad()
     def _estimate_Z(self, s_l: torch.Tensor, s_ab: torch.Tensor):
-        """Wu et al. 2018, Eq. (8): Z ≈ N·E[exp(s)], estimated on the first batch and then fixed. The
-        batch mean is averaged over the ranks, so every rank holds the same Z."""
+        """Wu et al. 2018, Eq. (8): Z ≈ N·E[exp(s)], estimated on the first batch and then fixed; the batch mean is
+        averaged over the ranks, so every rank holds the same Z."""
         if self.Z_known:
             return
         if not (self.Z_l > 0 and self.Z_ab > 0):  # not resumed from a checkpoint that has them
@@ -185,24 +76,23 @@ class CMC(nn.Module):
 
     @torch.no_grad()
     def _update_memory(self, index: torch.Tensor, f_l: torch.Tensor, f_ab: torch.Tensor):
-        """v_i ← normalise(m·v_i + (1−m)·f_i) for the images of the whole global batch, each bank with
-        its own view's feature (Wu et al. Sec. 3.1; m = 0.5 is the official code's). All ranks apply the
-        same gathered update, so the banks stay identical without ever being sent."""
+        """v_i ← normalise(m·v_i + (1−m)·f_i) for the images of the whole global batch, each bank with its own
+        view's feature (Wu et al. Sec. 3.1; m = 0.5 official). Every rank applies the same gathered update: identical
+        banks."""
         index = concat_all_gather(index)  # global_batch
         for bank, f in ((self.memory_l, concat_all_gather(f_l)), (self.memory_ab, concat_all_gather(f_ab))):
             bank.index_copy_(0, index, F.normalize(self.m * bank[index] + (1 - self.m) * f, dim=1))
 
     def forward(self, x: torch.Tensor, index: torch.Tensor):
-        """x: B×3×H×W, channels [L|ab] (or [Y|CbCr]); index: B dataset indices. Returns out_l, out_ab
-        (B×(K+1), column 0 the positive: NCE P = exp(s)/Z, or with --softmax the logits s) and the
-        detached features B×d. The caller updates the banks after the step (scores used the old rows)."""
+        """x: B×3×H×W, channels [L|ab] (or [Y|CbCr]); index: B dataset indices. Returns out_l, out_ab (B×(K+1),
+        column 0 the positive: NCE P = exp(s)/Z, or with --softmax the logits s) and the detached features B×d."""
         f_l, f_ab = self.encoder_l(x[:, :1]), self.encoder_ab(x[:, 1:])  # B×d each
         idx = torch.randint(self.n_data, (x.shape[0], self.K + 1), device=x.device)  # uniform noise, per rank
         idx[:, 0] = index  # the positive: the image's own row in the other view's bank
         with torch.autocast(x.device.type, enabled=False):  # --amp: similarities and softmax in float32
             f_l, f_ab = F.normalize(f_l.float(), dim=1), F.normalize(f_ab.float(), dim=1)  # float32 like the banks
-            # Eq. (4), cross-view: view l is scored against bank ab, view ab against bank l
-            # index_select gathers the drawn rows (B×(K+1)×d); the banks themselves are never copied
+            # Eq. (4), cross-view: view l is scored against bank ab, view ab against bank l; the drawn rows are
+            # gathered (B×(K+1)×d), the banks themselves never copied
             weight_ab = self.memory_ab.index_select(0, idx.view(-1)).view(*idx.shape, -1)
             weight_l = self.memory_l.index_select(0, idx.view(-1)).view(*idx.shape, -1)
             s_l = torch.bmm(weight_ab, f_l.unsqueeze(2)).squeeze(2) / self.T  # B×(K+1)
@@ -213,25 +103,9 @@ class CMC(nn.Module):
             return s_l.exp() / self.Z_l, s_ab.exp() / self.Z_ab, f_l.detach(), f_ab.detach()
 
 
-@torch.no_grad()
-def fill_banks(model: nn.Module, loader, device):
-    """--bank-init features: row i of each bank ← that view's initial encoder feature of image i
-    (evaluation view, BN in training mode as in a step), gathered over the ranks, before the first
-    step. A deviation, off by default: the banks of Sec. 3.2 start as random rows in the official code
-    (NCE/NCEAverage.py l. 19–21 @7b227be). With random rows
-    the first epoch trains each view towards random directions (insdis.py's fill_bank has the
-    measurement). A last batch of one image per rank is skipped (BN needs two): its rows stay random."""
-    for images, _, index in loader:
-        if images.shape[0] > 1:
-            x, index = images.to(device, non_blocking=True), concat_all_gather(index.to(device))
-            for bank, encoder, view in ((model.memory_l, model.encoder_l, x[:, :1]), (model.memory_ab, model.encoder_ab, x[:, 1:])):
-                bank.index_copy_(0, index, concat_all_gather(F.normalize(encoder(view).float(), dim=1)))
-
-
 def nce_loss(P: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
-    """NCE (Wu et al. 2018, Eq. 6-7), as the official NCECriterion. P: B×(K+1) = exp(s)/Z, column 0
-    the positive. With uniform noise Pn = 1/N, a score came from the data with posterior
-    h = P/(P + K·Pn); L = −mean_B[log h(positive) + Σ_k log(1 − h(noise_k))]."""
+    """NCE (Wu et al. 2018, Eq. 6-7), the official NCECriterion. P: B×(K+1) = exp(s)/Z, column 0 the positive. With
+    uniform noise Pn = 1/N, posterior h = P/(P + K·Pn); L = −mean[log h(pos) + Σ_k log(1 − h(noise_k))]."""
     noise = (P.shape[1] - 1) / n_data  # K·Pn
     log_h_positive = (P[:, 0] / (P[:, 0] + noise + eps)).log()  # B
     log_1_minus_h_noise = (noise / (P[:, 1:] + noise + eps)).log()  # B×K
@@ -239,13 +113,26 @@ def nce_loss(P: torch.Tensor, n_data: int, eps: float = 1e-7) -> torch.Tensor:
 
 
 def cmc_loss(out_l: torch.Tensor, out_ab: torch.Tensor, n_data: int, softmax: bool):
-    """Eq. (5): L = L(l→ab) + L(ab→l). Also returns the mean probability of the positive per view (the
-    official l_p, ab_p): NCE mode P = exp(s)/Z of column 0, softmax mode its softmax probability."""
+    """Eq. (5): L = L(l→ab) + L(ab→l). Also the mean probability of the positive per view (the official l_p, ab_p):
+    NCE mode P = exp(s)/Z of column 0, softmax mode its softmax probability."""
     if softmax:  # Eq. (3) over the K+1 sampled candidates: cross-entropy with label 0
         labels = torch.zeros(out_l.shape[0], dtype=torch.long, device=out_l.device)
         loss = F.cross_entropy(out_l, labels) + F.cross_entropy(out_ab, labels)
         return loss, out_l.softmax(1)[:, 0].mean(), out_ab.softmax(1)[:, 0].mean()
     return nce_loss(out_l, n_data) + nce_loss(out_ab, n_data), out_l[:, 0].mean(), out_ab[:, 0].mean()
+
+
+@torch.no_grad()
+def fill_banks(model: CMC, loader, device):
+    """--bank-init features, not in the paper: row i of each bank ← that view's initial feature of image i (evaluation
+    view), over all ranks. The official banks start as random rows (NCE/NCEAverage.py l. 19–21 @7b227be). A last
+    batch of one image per rank is skipped (BN needs two): its rows stay random."""
+    for images, _, index in loader:
+        if images.shape[0] > 1:
+            x, index = images.to(device, non_blocking=True), concat_all_gather(index.to(device))
+            for bank, encoder, view in ((model.memory_l, model.encoder_l, x[:, :1]),
+                                        (model.memory_ab, model.encoder_ab, x[:, 1:])):
+                bank.index_copy_(0, index, concat_all_gather(F.normalize(encoder(view).float(), dim=1)))
 
 
 def build_transform(args) -> transforms.Compose:
@@ -255,30 +142,9 @@ def build_transform(args) -> transforms.Compose:
                                common.ToColorSpace(args.view)])
 
 
-def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The representation evaluated (Sec. 4.1): both encoders' pooled features, concatenated."""
-    return torch.cat([pooled(model.encoder_l, x[:, :1]), pooled(model.encoder_ab, x[:, 1:])], dim=1)
-
-
-# ---------------------------------------------------------------------------------------- SCAFFOLD
-@torch.no_grad()
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gather without gradient, rank order; the input itself when there is no process group."""
-    if not dist.is_initialized():
-        return tensor
-    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, tensor.contiguous())
-    return torch.cat(out)
-
-
-def rank_and_world() -> tuple:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def resnet(arch: str, stem: str, **kwargs) -> nn.Module:
-    """A torchvision ResNet. The "cifar" stem (3×3 stride-1 conv1, no max-pool; SimCLR App. B.9, the
-    official `cifar_stem`) is what every reference trains at 32 px with (MoCo's CIFAR demo, lemniscate's
-    resnet_cifar too): torchvision's 7×7 stride-2 conv and max-pool would leave layer4 a 1×1 map."""
+    """The backbone, a torchvision ResNet: swap in your own network here and in `pooled`. The "cifar" stem (3×3
+    stride-1 conv1, no max-pool; SimCLR App. B.9, MoCo's CIFAR demo) leaves layer4 4×4 at 32 px, torchvision's 1×1."""
     net = models.__dict__[arch](**kwargs)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, net.conv1.out_channels, 3, 1, 1, bias=False)
@@ -287,58 +153,51 @@ def resnet(arch: str, stem: str, **kwargs) -> nn.Module:
     return net
 
 
-def pooled(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A torchvision ResNet's forward without its fc (the head): the features linear_eval.py reads."""
+def pooled(net: nn.Module, x: torch.Tensor) -> torch.Tensor:  # the backbone's features: all but the head (fc)
     return torch.flatten(nn.Sequential(*list(net.children())[:-1])(x), 1)
 
 
-def knn_loaders(args, rank: int, world_size: int, last=common.normalize):
-    """The monitor's data: the train and val splits in the evaluation view (as linear_eval.py --knn)."""
-    try:
-        return [common.build_loader(common.build_dataset(args.data, split, common.eval_transform(args.image_size, last),
-                                                         args.data_root, return_index=True),
-                                    args.batch_size // world_size, args.workers, rank, world_size, train=False)
-                for split in ("train", "val")]
-    except common.DataError as err:
-        fail(f"--knn-every: {err}")
+def backbone_features(model: CMC, x: torch.Tensor) -> torch.Tensor:
+    """The representation evaluated (Sec. 4.1), as linear_eval.py reads it: both encoders' features, concatenated."""
+    return torch.cat([pooled(model.encoder_l, x[:, :1]), pooled(model.encoder_ab, x[:, 1:])], dim=1)
 
 
-def knn_monitor(model: nn.Module, loaders, device, args) -> float:
-    """Weighted kNN top-1 (Wu et al. 2018, Sec. 3.4) of the backbone with BN in eval mode; every rank
-    embeds its shard and gets the same number. No RNG is drawn, so training is unchanged by it."""
-    model.eval()
-    acc1, _ = common.knn_accuracy(partial(backbone_features, unwrap(model)), *loaders, device,
-                                  concat_all_gather, args.knn_k, args.knn_t)
-    model.train()
-    return float(acc1)
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:  # all ranks' rows in rank order; one process: the input
+    if not dist.is_initialized():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out)
 
 
-# ------------------------------------------------------------------------------------------ METHOD
-def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main: bool, preempt=None) -> dict:
-    batch_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
+def train_one_epoch(loader, model, optimizer, epoch: int, args, run) -> dict:
+    step_time, data_time = common.AverageMeter("Time", ":6.3f"), common.AverageMeter("Data", ":6.3f")
     losses = common.AverageMeter("Loss", ":.4e")
     l_prob, ab_prob = common.AverageMeter("l_p", ":.4f"), common.AverageMeter("ab_p", ":.4f")
-    progress = common.ProgressMeter(len(loader), [batch_time, data_time, losses, l_prob, ab_prob],
-                                    prefix=f"Epoch: [{epoch}/{args.epochs}]")
+    progress = common.ProgressMeter(len(loader), [step_time, data_time, losses, l_prob, ab_prob], f"Epoch: [{epoch}]",
+                                    steps_after=(args.epochs - epoch - 1) * len(loader))
     model.train()
-    n_data = unwrap(model).n_data
+    n_data = getattr(model, "module", model).n_data
     end = time.time()
-    for i, (images, _, index) in preempt.steps(loader, epoch) if preempt else enumerate(loader):
+    for i, (images, _, index) in run.steps(loader, epoch):
         data_time.update(time.time() - end)
-        images, index = images.to(device, non_blocking=True), index.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        images, index = images.to(run.device, non_blocking=True), index.to(run.device, non_blocking=True)
+        with torch.autocast(run.device.type, torch.bfloat16, enabled=args.amp):
             out_l, out_ab, f_l, f_ab = model(images, index)
         loss, l_p, ab_p = cmc_loss(out_l, out_ab, n_data, args.softmax)
-        losses.update(loss, images.shape[0]), l_prob.update(l_p, images.shape[0]), ab_prob.update(ab_p, images.shape[0])
+        for meter, value in ((losses, loss), (l_prob, l_p), (ab_prob, ab_p)):
+            meter.update(value, images.shape[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        unwrap(model)._update_memory(index, f_l, f_ab)
-        batch_time.update(time.time() - end)
+        getattr(model, "module", model)._update_memory(index, f_l, f_ab)  # after the step: scored with the old rows
+        step_time.update(time.time() - end)
         end = time.time()
-        if i % args.print_freq == 0 or i == len(loader) - 1:
-            check_finite(losses, epoch, i, args)  # the only host sync, every print-freq steps
-            if is_main:
+        if i % args.print_freq == 0 or i + 1 == len(loader):  # the meters' only host sync
+            if not math.isfinite(losses.avg):
+                fail(f"loss is {losses.avg} at epoch {epoch} step {i}; stopped, the last checkpoint is as it was")
+            if run.rank == 0:
                 progress.display(i)
     return {"epoch": epoch, "loss": losses.avg, "l_p": l_prob.avg, "ab_p": ab_prob.avg,
             "lr": optimizer.param_groups[0]["lr"]}
@@ -346,346 +205,229 @@ def train_one_epoch(loader, model, optimizer, epoch: int, args, device, is_main:
 
 def adjust_learning_rate(optimizer, epoch: int, args):
     """Per epoch: ×0.1 at each --schedule milestone (official train_CMC.py: 120, 160, 200 of 240)."""
-    lr = args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
 
 
-# ---------------------------------------------------------------------------------------- SCAFFOLD
-def fail(message: str):
-    raise SystemExit(f"{PROG}: {message}")
+def number(cast, low=0, high=math.inf, open_low=False):  # argparse type=: out of range is one line naming the flag
+    def parse(text: str):
+        if not low <= cast(text) <= high or (open_low and cast(text) == low):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if open_low else '['}{low}, {high}] (got {text})")
+        return cast(text)
+    return parse
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def check_finite(meter: common.AverageMeter, epoch: int, step: int, args):
-    if not math.isfinite(meter.avg):
-        fail(f"loss is {meter.avg} at epoch {epoch} step {step}; stopped, the last checkpoint in "
-             f"'{args.output_dir}' is untouched")
-
-
-def seed_everything(seed, offset: int = 0):
-    """With --seed, every epoch's randomness is a function of (seed, epoch, rank): resuming at an
-    epoch boundary then reproduces the uninterrupted run without saving RNG states."""
-    if seed is not None:
-        random.seed(seed + offset)
-        torch.manual_seed(seed + offset)
-
-
-def prepare_output_dir(output_dir: str, is_main: bool):
-    """Before any work: the folder takes a file (a read-only one fails now, not after an epoch), and the
-    checkpoint.pth.tar.tmp of a save that was killed is removed."""
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        if is_main:
-            tempfile.TemporaryFile(dir=output_dir).close()
-    except OSError as err:
-        fail(f"--output-dir '{output_dir}' is not writable: {err.strerror or err}")
-    tmp = os.path.join(output_dir, "checkpoint.pth.tar.tmp")
-    if is_main and os.path.exists(tmp):
-        os.remove(tmp)
-        print(f"=> removed '{tmp}', left by a save that was cut off", flush=True)
-
-
-def save_checkpoint(state: dict, output_dir: str):
-    """Atomic: a crash while writing never leaves a truncated checkpoint. A failed write (disk full,
-    permissions) ends the run in one line, the previous checkpoint untouched."""
-    path = os.path.join(output_dir, "checkpoint.pth.tar")
-    try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as err:  # RuntimeError: torch's zip writer on a full disk
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        free = shutil.disk_usage(output_dir).free / 2 ** 20 if os.path.isdir(output_dir) else 0
-        kept = f"the previous checkpoint '{path}' is intact" if os.path.isfile(path) else "no earlier checkpoint"
-        fail(f"--output-dir: saving epoch {state['epoch']} failed ({first_line(err)}; {free:.0f} MiB free); {kept}")
-
-
-def resume_path(args) -> str:
-    if args.resume == "auto":
-        path = os.path.join(args.output_dir, "checkpoint.pth.tar")
-        return path if os.path.isfile(path) else ""
-    if args.resume and not os.path.isfile(args.resume):
-        fail(f"--resume: no checkpoint at '{args.resume}'")
-    return args.resume
-
-
-def first_line(err: Exception) -> str:
-    """An exception's first sentence, for a one-line message; torch's C++ location dropped
-    ("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534", a full disk)."""
-    text = str(err).strip().split("] . ")[-1]
-    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
-
-
-def read_checkpoint(path: str, flag: str) -> dict:
-    """torch.load, tensors only. A file that is not a checkpoint is one line that names it (never the
-    advice to load it with weights_only=False, which would run any code it holds)."""
-    if not os.path.isfile(path):
-        fail(f"{flag}: no checkpoint at '{path}'")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if os.path.getsize(path) == 0:
-            why = "the file is empty"
-        elif "WeightsUnpickler error: " in str(err):  # objects other than tensors, code included
-            why = str(err).split("WeightsUnpickler error: ")[1].split(". ")[0]
-        else:
-            why = f"not a torch.save file, or a truncated one ({type(err).__name__}: {first_line(err)})"
-        fail(f"{flag}: cannot read '{path}' as a tensors-only checkpoint: {why}")
-
-
-def mismatch(own: dict, found: dict) -> str:
-    """Why the state_dict `found` does not load into a model whose state_dict is `own`: one line, '' if it loads."""
-    def shape(key):
-        return tuple(getattr(found[key], "shape", ()))
-
-    groups = {"missing": [k for k in own if k not in found], "unexpected": [k for k in found if k not in own],
-              "other shape": [f"{k} {shape(k)} vs {tuple(v.shape)} here" for k, v in own.items()
-                              if k in found and shape(k) != tuple(v.shape)]}
-    return "; ".join(f"{what} {len(keys)}: {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-                     for what, keys in groups.items() if keys)
-
-
-def load_checkpoint(path: str, method: str) -> dict:
-    """--resume, read before any work: a file that is not a checkpoint of this method stops the run here."""
-    ckpt = read_checkpoint(path, "--resume")
-    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
-        found = ckpt.get("method", "no method field") if isinstance(ckpt, dict) else type(ckpt).__name__
-        fail(f"'{path}' is not a {method} checkpoint (found: {found})")
-    return ckpt
-
-
-def restore_checkpoint(ckpt: dict, path: str, model: nn.Module, optimizer) -> int:
-    """Restores model (buffers included), optimizer; returns the number of epochs completed."""
-    state = {k.removeprefix("module."): v for k, v in ckpt.get("state_dict", {}).items()}
-    why = mismatch(model.state_dict(), state)
-    if why:
-        fail(f"checkpoint '{path}' does not fit this model: {why} (it was saved with -a {ckpt.get('arch')} and the "
-             f"model flags in its 'args')")
-    try:
-        model.load_state_dict(state)
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        fail(f"checkpoint '{path}' does not fit this model: {first_line(err)}")
-    return ckpt["epoch"]
-
-
-EXIT_STOPPED = 75  # a stop signal ended the run after writing a checkpoint (sysexits EX_TEMPFAIL: run it again)
-
-
-class Preemption:
-    """Stop at a step, resume there bit for bit (README: Preemption and resume). SIGTERM, SIGUSR1 and
-    SIGINT set a flag: the step in flight finishes, rank 0 writes a checkpoint of (epoch, step), every
-    rank exits with EXIT_STOPPED. Under torchrun the ranks agree on the flag every --print-freq steps,
-    where the loop syncs anyway. A mid-epoch checkpoint holds every rank's RNG states (MoCo's shuffle,
-    the NCE noise): saving them, not reseeding every step, leaves a run never stopped as it was. A
-    resumed epoch skips the samples it trained on (views are a function of (seed, epoch, index))."""
-
-    def __init__(self, args, checkpoint, is_main: bool, device):
-        self.args, self.checkpoint, self.is_main, self.device = args, checkpoint, is_main, device
-        self.epoch, self.step, self.rng = 0, 0, None  # where the run starts; this rank's RNG states mid-epoch
-        self.flag, self.last_save = False, time.time()
-        # forked loader workers inherit the handler, so a signal to the whole process group leaves them running
-        self.handlers = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-
-    def handle(self, signum, frame):
-        self.flag = True  # a second signal (torchrun forwards its own) changes nothing
-
-    def close(self):
-        for sig, handler in self.handlers.items():
-            signal.signal(sig, handler)
-
-    def resume(self, ckpt: dict) -> int:
-        """Continue from a checkpoint's (epoch, step); returns the epoch. Mid-epoch, the samples and RNG
-        streams are per rank: another world size or global batch is refused."""
-        self.epoch, self.step = ckpt["epoch"], ckpt.get("step", 0)
-        rank, world_size = rank_and_world()
-        if self.step:
-            saved = (ckpt["world_size"], ckpt["args"]["batch_size"])
-            if saved != (world_size, self.args.batch_size):
-                fail(f"the checkpoint stopped mid-epoch (epoch {self.epoch} step {self.step}) with {saved[0]} "
-                     f"process(es) and global batch {saved[1]}; resume it with the same, not {world_size} and "
-                     f"{self.args.batch_size}")
-            self.rng = ckpt["rng"][rank]
-        return self.epoch
-
-    def steps(self, loader, epoch: int):
-        """(step, batch) of `epoch` from where the run stands, with the checks between steps."""
-        start = self.step if epoch == self.epoch else 0
-        if start:
-            loader.sampler.set_epoch(epoch, start * loader.batch_size)
-        batches = enumerate(loader, start)  # making the iterator draws its worker seed from the RNG
-        if start:
-            torch.set_rng_state(self.rng["torch"])
-            random.setstate(self.rng["random"])
-            if "cuda" in self.rng:
-                torch.cuda.set_rng_state(self.rng["cuda"], self.device)
-        for i, batch in batches:
-            yield i, batch
-            if i + 1 < len(loader):  # after the last step main saves and calls epoch_done
-                self.check(epoch, i + 1, sync=i % self.args.print_freq == 0)
-
-    def check(self, epoch: int, step: int, sync: bool):
-        """After `step` steps of `epoch`: save when due, stop when flagged."""
-        minutes = self.args.save_every_minutes
-        stop, due = self.flag, minutes > 0 and time.time() - self.last_save >= 60 * minutes
-        if dist.is_initialized():  # a rank acts only on what all ranks agreed on
-            stop, due = self.agree(stop, due) if sync else (False, False)
-        if stop or due or (self.args.save_every_steps > 0 and step % self.args.save_every_steps == 0):
-            self.save(epoch, step)
-        if stop:
-            self.exit(epoch, step)
-
-    def epoch_done(self, epoch: int):
-        """After the epoch-boundary checkpoint: stop if flagged and epochs are left."""
-        self.last_save = time.time()
-        stop = self.agree(self.flag)[0] if dist.is_initialized() else self.flag
-        if stop and epoch < self.args.epochs:
-            self.exit(epoch, 0)
-
-    def agree(self, *flags) -> list:
-        flags = torch.tensor(flags, dtype=torch.float32, device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return [bool(flag) for flag in flags.tolist()]
-
-    def save(self, epoch: int, step: int):
-        rng = {"torch": torch.get_rng_state(), "random": random.getstate()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        rngs = [rng]
-        if dist.is_initialized():
-            rngs = [None] * dist.get_world_size()
-            dist.all_gather_object(rngs, rng)
-        if self.is_main:
-            save_checkpoint({**self.checkpoint(epoch, step), "world_size": len(rngs), "rng": rngs}, self.args.output_dir)
-        self.last_save = time.time()
-
-    def exit(self, epoch: int, step: int):
-        if dist.is_initialized():
-            dist.barrier()  # no rank leaves before the checkpoint is written
-            dist.destroy_process_group()
-        self.close()
-        if self.is_main:
-            print(f"stopped at epoch {epoch} step {step}; continue with --resume auto", flush=True)
-        raise SystemExit(EXIT_STOPPED)
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=PROG, description="CMC pre-training (two colour views, memory banks)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    group = parser.add_argument_group("data")
+    group.add_argument("data", nargs="?", default=argparse.SUPPRESS, help="the same as --data (official spelling)")
+    group.add_argument("--data", help="an image folder (ROOT/train/CLASS/*), synthetic[:N], cifar10, cifar100, stl10")
+    group.add_argument("--data-root", default="./data", help="where cifar10, cifar100 and stl10 are downloaded")
+    group.add_argument("--image-size", type=number(int, 1), help="crop; None: 224, 32 (CIFAR, synthetic), 96 (STL)")
+    group.add_argument("-j", "--workers", type=number(int), default=8, help="data-loading workers per process")
+    group = parser.add_argument_group("model")
+    group.add_argument("-a", "--arch", default="resnet50", choices=RESNETS, metavar="ARCH", help="a torchvision ResNet")
+    group.add_argument("--stem", choices=["auto", "cifar", "imagenet"], default="auto", help="auto: cifar if ≤ 32 px")
+    group.add_argument("--feat-dim", "--feat_dim", type=number(int, 1), default=128, help="feature dimension d")
+    group = parser.add_argument_group("method")
+    group.add_argument("--view", default="Lab", choices=["Lab", "YCbCr"], help="colour space split into the two views")
+    group.add_argument("--nce-k", "--nce_k", type=number(int, 1), default=4096, help="noise samples K per positive")
+    group.add_argument("--nce-t", "--nce_t", type=number(float, 0, open_low=True), default=0.07, help="τ (Eq. 4)")
+    group.add_argument("--nce-m", "--nce_m", type=number(float, 0, 1), default=0.5, help="memory-bank momentum")
+    group.add_argument("--softmax", action="store_true", help="(K+1)-way softmax cross-entropy instead of NCE")
+    group.add_argument("--bank-init", choices=["random", "features"], default="random",
+                       help="random: random unit rows (official); features: the initial encoders' (short runs)")
+    group.add_argument("--crop-min", "--crop_low", type=number(float, 0, 1, open_low=True), default=0.2,
+                       help="smallest crop area (official, ResNets on ImageNet: 0.08)")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=number(int, 1), default=240, help="epochs to train in all")
+    group.add_argument("-b", "--batch-size", type=number(int, 1), default=128, help="global batch over all processes")
+    group.add_argument("--lr", "--learning-rate", type=number(float, 0, open_low=True), default=0.03, help="lr")
+    group.add_argument("--momentum", type=number(float, 0, 1), default=0.9, help="SGD momentum")
+    group.add_argument("--wd", "--weight-decay", type=number(float), default=1e-4, help="weight decay")
+    group.add_argument("--schedule", type=number(int), nargs="*", default=[120, 160, 200], help="lr ×0.1 at these")
+    group = parser.add_argument_group("run")
+    group.add_argument("--output-dir", default=f"./runs/{PROG[:-3]}", help="checkpoint.pth.tar and log.txt go here")
+    group.add_argument("--resume", default="", help="a checkpoint, or auto: <output-dir>/checkpoint.pth.tar if there")
+    group.add_argument("--start-epoch", type=number(int), default=0, help="first epoch (resumed: the checkpoint's)")
+    group.add_argument("--seed", type=int, help="makes a CPU run repeatable, and a resumed run bit for bit the same")
+    group.add_argument("-p", "--print-freq", type=number(int, 1), default=10, help="a progress line every N steps")
+    group.add_argument("--save-every-steps", type=number(int), default=0, help="also save every N steps (0: off)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the encoders, in place (same checkpoint)")
+    group.add_argument(*GONE, dest="gone", nargs="?", action="append", help=argparse.SUPPRESS)
+    group.add_argument("--knn-every", type=number(int), help="kNN monitor every N epochs; None: 1 for built-in data")
+    group.add_argument("--amp", action="store_true", help="bf16 autocast for the encoders; losses in float32")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format for the convolutions")
+    args = parser.parse_args(argv)
+    if args.gone or not args.data:
+        parser.error(f"{', '.join(GONE)} are gone: launch with torchrun" if args.gone else "--data is required")
+    args.image_size = args.image_size or common.default_image_size(args.data)
+    args.stem = args.stem if args.stem != "auto" else "cifar" if args.image_size <= 32 else "imagenet"
+    args.knn_every = int(common.labelled(args.data)) if args.knn_every is None else args.knn_every
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world_size:
-        fail(f"global batch {args.batch_size} does not divide by the world size {world_size}")
-    if args.batch_size // world_size < 2:  # BatchNorm in training mode needs two values per channel
-        fail(f"-b/--batch-size {args.batch_size} leaves {args.batch_size // world_size} image per process (world size "
-             f"{world_size}); BatchNorm in training needs >= 2")
-    start_path = resume_path(args)
-
-    ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world_size = rank_and_world()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = args.seed is None
-    is_main = rank == 0
-    seed_everything(args.seed)
-    prepare_output_dir(args.output_dir, is_main)
-    if start_path:  # SCAFFOLD: read before any work; a finished run ends here (exit status 0)
-        if is_main:
-            print(f"=> loading checkpoint '{start_path}'", flush=True)
-        resumed = load_checkpoint(start_path, "cmc")
-        if resumed["epoch"] >= args.epochs:
-            if is_main:
-                print(f"=> nothing to do: already at epoch {resumed['epoch']} of {args.epochs}; raise --epochs to "
-                      "train on", flush=True)
-            if ddp:
-                dist.destroy_process_group()
-            return
-
-    try:
-        dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root,
-                                       return_index=True)  # METHOD: the index is the bank row
-    except common.DataError as err:
-        fail(str(err))
-    if len(dataset) < args.batch_size:
-        fail(f"'{args.data}' has {len(dataset)} images, fewer than the global batch {args.batch_size}")
-    if args.nce_k >= len(dataset):  # METHOD: the K noise rows are drawn from a bank of one row per image
+    run = Run(args, "cmc")
+    per_process = args.batch_size // run.world_size
+    if per_process < 2:  # training BN needs two images a channel
+        fail(f"-b {args.batch_size} leaves {per_process} image per process, fewer than BatchNorm needs (2)")
+    dataset = common.build_dataset(args.data, "pretrain", build_transform(args), args.data_root, return_index=True)
+    if args.nce_k >= len(dataset):  # the K noise rows are drawn from the banks, one row per image
         fail(f"--nce-k {args.nce_k} must be smaller than the memory bank ({len(dataset)} images in '{args.data}')")
-    loader = common.build_loader(dataset, args.batch_size // world_size, args.workers, rank,
-                                 world_size, train=True, seed=args.seed)
-    knn_data = knn_loaders(args, rank, world_size, common.ToColorSpace(args.view)) if args.knn_every else None
-
-    if is_main:
-        print(f"=> creating model '{args.arch}'", flush=True)
+    loader = common.build_loader(dataset, per_process, args.workers, run.rank, run.world_size, seed=args.seed)
+    knn = common.knn_loaders(args, run.rank, run.world_size, common.ToColorSpace(args.view)) if args.knn_every else None
+    run.log(f"=> creating model '{args.arch}'")
     model = CMC(partial(resnet, args.arch, args.stem), len(dataset), args.feat_dim, args.nce_k, args.nce_t,
-                args.nce_m, args.softmax).to(device)
-    if args.channels_last:  # SCAFFOLD
-        model = model.to(memory_format=torch.channels_last)
-    if args.compile:  # SCAFFOLD: nn.Module.compile works in place, so state_dict keys get no `_orig_mod.`
-        for net in model.modules():
-            if isinstance(net, models.ResNet):
-                net.compile()
+                args.nce_m, args.softmax)
+    model = model.to(run.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+    for encoder in (model.encoder_l, model.encoder_ab) if args.compile else ():
+        encoder.compile()  # in place: the checkpoint's keys stay the same
     optimizer = torch.optim.SGD(model.parameters(), args.lr, momentum=args.momentum, weight_decay=args.wd)
-    if args.bank_init == "features" and not start_path:  # METHOD: a resumed run has its banks in the checkpoint
-        fill_banks(model, common.build_loader(common.build_dataset(args.data, "pretrain", common.eval_transform(
-            args.image_size, common.ToColorSpace(args.view)), args.data_root, return_index=True),
-            args.batch_size // world_size, args.workers, rank, world_size, train=False), device)
-
-    def checkpoint(epoch: int, step: int = 0) -> dict:  # SCAFFOLD: the run after `step` steps of `epoch`
-        return {"method": "cmc", "arch": args.arch, "epoch": epoch, "step": step, "args": vars(args),
-                "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
-                "optimizer": optimizer.state_dict()}
-
-    preempt = Preemption(args, checkpoint, is_main, device)  # SCAFFOLD: a stop signal now ends the run at a step
-    if start_path:
-        restore_checkpoint(resumed, start_path, model, optimizer)
-        args.start_epoch = preempt.resume(resumed)
-        del resumed  # its tensors are the model's and the optimizer's now
-        if is_main:
-            print(f"=> loaded checkpoint '{start_path}' (epoch {args.start_epoch})", flush=True)
-    if ddp:  # no per-step buffer broadcast: a queue/bank stays identical by construction; BN statistics stay per rank
-        ddp_flags = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"  # torch's new name
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                                    **{no_sync: False})
-
-    try:  # SCAFFOLD: a run that fails (a NaN loss, a bad image) still gives the signals back
-        for epoch in range(args.start_epoch, args.epochs):
-            loader.sampler.set_epoch(epoch)
-            seed_everything(args.seed, 1000 * (epoch + 1) + rank)
+    if args.bank_init == "features" and not run.resumed:
+        view = common.eval_transform(args.image_size, common.ToColorSpace(args.view))
+        plain = common.build_dataset(args.data, "pretrain", view, args.data_root, return_index=True)
+        fill_banks(model, common.build_loader(plain, per_process, args.workers, run.rank, run.world_size, False),
+                   run.device)
+    with run.start(model, optimizer) as ddp_model:
+        for epoch in range(run.epoch, args.epochs):
             adjust_learning_rate(optimizer, epoch, args)
+            metrics = train_one_epoch(loader, ddp_model, optimizer, epoch, args, run)
+            metrics.update(common.knn_monitor(ddp_model, partial(backbone_features, model), knn, run.device,
+                                              concat_all_gather, args, epoch, run.log))
+            run.checkpoint(epoch + 1, 0, metrics)
+    run.end(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{run.path}'")
+
+
+# ------------------------------------------ SCAFFOLD: the same text in every script (tests/test_scaffold.py) --------
+
+
+def fail(message: str, err: Exception = None):  # with err: its type and the first sentence of its text
+    why = f": {type(err).__name__}: {''.join(str(err).splitlines()[:1]).split('. ')[0]}" if err is not None else ""
+    raise SystemExit(f"{PROG}: {message}{why}")
+
+
+def save_checkpoint(state: dict, path: str):  # atomic: a write that fails leaves the previous file whole
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's zip writer on a full disk
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        fail(f"cannot write '{path}', the previous one is whole", err)
+
+
+def load_checkpoint(path: str, flag: str, method: str = "") -> dict:  # tensors only: code is never unpickled
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # missing, empty, truncated, not a torch.save file, objects beyond tensors
+        fail(f"{flag}: cannot read '{path}' as a tensors-only checkpoint", err)
+    if method and (not isinstance(ckpt, dict) or ckpt.get("method") != method):
+        fail(f"'{path}' is not a {method} checkpoint (found: {ckpt.get('method') if isinstance(ckpt, dict) else ckpt})")
+    return ckpt
+
+
+class Run:
+    """torchrun's rank, world size, device (NCCL with CUDA, else gloo; one process: world size 1) and the checkpoint:
+    saved after every epoch, every --save-every-steps, at the step a stop signal arrived (exit 75); --seed: exact."""
+
+    def __init__(self, args, method: str):  # before any work: the process group, the seed, --output-dir, --resume
+        self.args, self.method, self.flag, self.epoch, self.step = args, method, False, args.start_epoch, 0
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if args.batch_size % self.world_size:
+            fail(f"global batch {args.batch_size} does not divide by the world size {self.world_size}")
+        if "RANK" in os.environ:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.device = int(os.environ.get("RANK", 0)), torch.device("cpu")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = args.seed is None
+        if args.seed is not None:
+            random.seed(args.seed), torch.manual_seed(args.seed)
+        self.path = os.path.join(args.output_dir, "checkpoint.pth.tar")
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            tempfile.TemporaryFile(dir=args.output_dir).close()
+        except OSError as err:
+            fail(f"--output-dir '{args.output_dir}' is not writable", err)
+        self.resume = args.resume if args.resume != "auto" else self.path if os.path.isfile(self.path) else ""
+        self.resumed = load_checkpoint(self.resume, "--resume", method) if self.resume else None
+
+    @contextlib.contextmanager
+    def start(self, model: nn.Module, optimizer, extra=lambda epoch, step: {}):
+        """Restores a resumed run (it goes on at run.epoch, run.step), yields the model to train (in DDP under torchrun,
+        buffers not sent each step: queues and banks stay identical by construction); inside, signals stop at a step."""
+        self.model, self.optimizer, self.extra, ckpt = model, optimizer, extra, self.resumed
+        if ckpt:
             try:
-                metrics = train_one_epoch(loader, model, optimizer, epoch, args, device, is_main, preempt)
-                if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                    start = time.time()
-                    metrics["knn_acc1"] = knn_monitor(model, knn_data, device, args)
-                    if is_main:
-                        print(f" * kNN Acc@1 {metrics['knn_acc1']:.2f} (epoch {epoch}, backbone, k={args.knn_k}, "
-                              f"T={args.knn_t}, {time.time() - start:.1f} s)", flush=True)
-            except common.DataError as err:
-                fail(common.data_error_message(err))
-            if is_main:
-                save_checkpoint(checkpoint(epoch + 1), args.output_dir)
-                with open(os.path.join(args.output_dir, "log.txt"), "a") as f:  # after the save: log and checkpoint agree
+                model.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()})
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (KeyError, RuntimeError, ValueError) as err:
+                fail("the checkpoint does not fit: " + "; ".join(s.strip()[:99] for s in str(err).splitlines()[:4]))
+            self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+            if self.step and ckpt["args"]["batch_size"] != self.args.batch_size:  # the samples seen: step × batch
+                fail(f"the checkpoint stopped mid-epoch with -b {ckpt['args']['batch_size']}: resume it with the same")
+            self.log(f"=> loaded checkpoint '{self.resume}' (epoch {self.epoch})")
+        sync = next(k for k in ("forward_sync_buffers", "broadcast_buffers") if k in inspect.signature(DDP).parameters)
+        handlers = {s: signal.signal(s, lambda *_: setattr(self, "flag", True))
+                    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        try:
+            yield DDP(model, **{sync: False}) if dist.is_initialized() else model
+        finally:  # however the run ends, the signals are given back
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+
+    def steps(self, loader, epoch: int):
+        """(step, batch) of `epoch` from where the run stands; after each step but the last, checkpoint()."""
+        start = self.step * (epoch == self.epoch)
+        loader.sampler.set_epoch(epoch)
+        if start and not isinstance(loader.sampler, common.ResumableSampler):  # a DistributedSampler cannot skip
+            fail(f"resuming mid-epoch (epoch {epoch} step {start}) needs common.ResumableSampler")
+        loader.sampler.start = start * loader.batch_size  # skip the samples this rank has trained on
+        for i, batch in enumerate(loader, start):
+            if self.args.seed is not None:  # the step's random numbers (shuffle, NCE noise)
+                torch.manual_seed(self.args.seed + 1000 * ((epoch * len(loader) + i) * self.world_size + self.rank + 1))
+            yield i, batch
+            if i + 1 < len(loader):
+                self.checkpoint(epoch, i + 1, sync=self.world_size == 1 or i % self.args.print_freq == 0)
+
+    def checkpoint(self, epoch: int, step: int, metrics: dict = None, sync: bool = True):
+        """After `step` steps of `epoch`: save when due, stop if told; after an epoch also log its metrics."""
+        stop, every = self.flag and sync, self.args.save_every_steps
+        if sync and self.world_size > 1:  # all ranks act on what one knows, synced every --print-freq steps
+            stop = torch.tensor(stop, dtype=torch.int32, device=self.device)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if self.rank == 0 and (metrics is not None or stop or (every and step % every == 0)):
+            save_checkpoint({"method": self.method, "arch": self.args.arch, "epoch": epoch, "step": step, "args":
+                             vars(self.args), **self.extra(epoch, step), "optimizer": self.optimizer.state_dict(),
+                             "state_dict": {"module." + k: v for k, v in self.model.state_dict().items()}}, self.path)
+            if metrics is not None:
+                with open(os.path.join(self.args.output_dir, "log.txt"), "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-            preempt.epoch_done(epoch + 1)
-    finally:
-        preempt.close()
-    if is_main:
-        print(f"=> done: epoch {args.epochs} of {args.epochs}; checkpoint '{os.path.join(args.output_dir, 'checkpoint.pth.tar')}'",
-              flush=True)
-    if ddp:
-        dist.destroy_process_group()
+        if stop and (step or epoch < self.args.epochs):
+            self.end(f"stopped at epoch {epoch} step {step}; continue with --resume auto", 75)  # EX_TEMPFAIL
+
+    def log(self, message: str):
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def end(self, message: str, status: int = 0):  # every rank leaves together, none before the checkpoint is saved
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        self.log(message)
+        if status:
+            raise SystemExit(status)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # one line, not a traceback: saves are atomic, so every checkpoint on disk is whole
+    except KeyboardInterrupt:  # one line: saves are atomic, so every checkpoint on disk is whole
         print(f"{PROG}: interrupted; the checkpoints saved so far are intact", file=sys.stderr)
         raise SystemExit(130)  # 128 + SIGINT, as a shell reports it
+    except common.DataError as err:  # a missing folder, an unreadable image: one line
+        raise SystemExit(f"{PROG}: {err}")

@@ -1,13 +1,13 @@
 """Meters and data helpers shared by every script. Nothing here knows about DDP or a method.
 
-Meters: `AverageMeter`, `ProgressMeter` (the official MoCo progress lines), `accuracy`, and the
-weighted kNN classifier (`extract_features`, `knn_classify`) shared by `linear_eval.py --knn` and
-the online kNN monitor of every training script.
-Data: `build_dataset` (`--data`), `build_loader` (`ResumableSampler` + set_epoch), the evaluation
-view (`eval_transform`), the multi-view transform, the augmentation ops torchvision lacks in the papers' exact form, colour conversions
-for CMC, and the built-in `synthetic` dataset.
+Meters: `AverageMeter`, `ProgressMeter` (the official MoCo progress line, with the time left), `accuracy`, and the
+weighted kNN classifier shared by `linear_eval.py --knn` and the online kNN monitor of every training script.
+Data: `build_dataset` (`--data`), `build_loader` (`ResumableSampler`, per-sample seeded views), the evaluation view,
+the multi-view transform, the blur of MoCo v2, CMC's colour spaces, and the built-in `synthetic` and `shapes` sets.
 """
+import datetime
 import itertools
+import math
 import os
 import random
 
@@ -22,8 +22,7 @@ normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
 # ----------------------------------------------------------------------------------------- meters
 class AverageMeter:
-    """Running average. Accepts tensors and keeps them on their device: nothing is copied to the
-    host until the value is printed, so updating a meter every step costs no device sync."""
+    """Running average; tensors stay on their device until printed, so an update costs no host sync."""
 
     def __init__(self, name: str, fmt: str = ":f"):
         self.name, self.fmt = name, fmt
@@ -48,14 +47,20 @@ class AverageMeter:
 
 
 class ProgressMeter:
-    def __init__(self, num_batches: int, meters, prefix: str = ""):
+    """The official progress line. With `steps_after` (the run's steps after this epoch), its first meter being the
+    step time, it ends with the time left in the epoch and in the run."""
+
+    def __init__(self, num_batches: int, meters, prefix: str = "", steps_after=None):
         digits = len(str(num_batches))
         self.batch_fmt = "[{:" + str(digits) + "d}/" + str(num_batches) + "]"
-        self.meters, self.prefix = meters, prefix
+        self.num_batches, self.meters, self.prefix, self.steps_after = num_batches, meters, prefix, steps_after
 
     def display(self, batch: int):
-        print("\t".join([self.prefix + self.batch_fmt.format(batch)] + [str(m) for m in self.meters]),
-              flush=True)
+        entries = [self.prefix + self.batch_fmt.format(batch)] + [str(m) for m in self.meters]
+        if self.steps_after is not None:
+            left = [(self.num_batches - batch - 1 + more) * self.meters[0].avg for more in (0, self.steps_after)]
+            entries.append("ETA {} (run {})".format(*(datetime.timedelta(seconds=round(s)) for s in left)))
+        print("\t".join(entries), flush=True)
 
 
 @torch.no_grad()
@@ -69,11 +74,8 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)):
 
 @torch.no_grad()
 def extract_features(embed, loader, device, gather=lambda t: t, progress=None, print_freq: int = 10):
-    """Features (n×d) and labels of a whole `return_index` dataset, in dataset order. Each process
-    embeds its shard; `gather` (an all-gather over the processes, the identity for one) brings every
-    (index, feature, label), so every process ends with the same full table. Padding duplicates of a
-    DistributedSampler land on their own row again. `progress`, a ProgressMeter, shows every
-    `print_freq`-th batch."""
+    """Features (n×d) and labels of a whole `return_index` dataset, in its order: each process embeds its shard and
+    `gather` (an all-gather; the identity for one process) brings every (index, feature, label) to all of them."""
     n = len(loader.dataset)
     feats, labels = None, torch.zeros(n, dtype=torch.long, device=device)
     for i, (images, target, index) in enumerate(loader):
@@ -91,8 +93,8 @@ def extract_features(embed, loader, device, gather=lambda t: t, progress=None, p
 @torch.no_grad()
 def knn_classify(feats: torch.Tensor, train_feats: torch.Tensor, train_labels: torch.Tensor,
                  num_classes: int, k: int = 200, T: float = 0.07, chunk: int = 1024) -> torch.Tensor:
-    """Weighted kNN (Wu et al. 2018, Sec. 3.4): the k most cosine-similar training features vote
-    for their class with weight exp(s_i/T). Inputs L2-normalised. Returns class scores, n×num_classes."""
+    """Weighted kNN (Wu et al. 2018, Sec. 3.4): the k most cosine-similar training features (inputs L2-normalised) vote
+    for their class with weight exp(s_i/T). Returns class scores, n×num_classes."""
     k = min(k, train_feats.shape[0])
     scores = []
     for start in range(0, feats.shape[0], chunk):  # chunks of queries bound the n×N similarity matrix
@@ -100,6 +102,19 @@ def knn_classify(feats: torch.Tensor, train_feats: torch.Tensor, train_labels: t
         votes = torch.zeros(sim.shape[0], num_classes, device=feats.device)
         scores.append(votes.scatter_add_(1, train_labels[idx], (sim / T).exp()))
     return torch.cat(scores)
+
+
+@torch.no_grad()
+def knn_monitor(model: torch.nn.Module, features, loaders, device, gather, args, epoch: int, log=print) -> dict:
+    """The training scripts' online monitor, every --knn-every epochs and after the last: the kNN top-1 of `features`
+    (the backbone), the model in eval mode (BN statistics fixed), then back in train mode; it draws no random number."""
+    if not loaders or ((epoch + 1) % args.knn_every and epoch + 1 < args.epochs):
+        return {}
+    model.eval()
+    acc1, _ = knn_accuracy(features, *loaders, device, gather)  # k = 200, T = 0.07
+    model.train()
+    log(f" * kNN Acc@1 {float(acc1):.2f} (epoch {epoch}, backbone, k=200, T=0.07)")
+    return {"knn_acc1": float(acc1)}
 
 
 def knn_accuracy(embed, train_loader, val_loader, device, gather=lambda t: t, k: int = 200,
@@ -133,10 +148,8 @@ class MultiView:
 
 
 class GaussianBlur:
-    """PIL Gaussian blur with σ drawn uniformly from `sigma` per image (MoCo v2, SimSiam: σ ∈ [0.1, 2]
-    at 224 px). σ is given for a `reference_size`-pixel image and scaled with the image's width,
-    so a 32 px image is blurred as much, relatively, as a 224 px one (SimCLR App. A defines its
-    blur kernel the same way, as 10 % of the image side); at 224 px this is the papers' op."""
+    """PIL Gaussian blur, σ uniform in `sigma` (MoCo v2, SimSiam: [0.1, 2] at 224 px) and scaled with the image's
+    width, as SimCLR App. A scales its kernel: a 32 px image is blurred as much, relatively; at 224 px, the papers'."""
 
     def __init__(self, sigma=(0.1, 2.0), reference_size: int = 224):
         self.sigma, self.reference_size = sigma, reference_size
@@ -174,9 +187,8 @@ def rgb_to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
 class ToColorSpace:
     """CMC (Sec. 4.1): tensor RGB in [0, 1] → normalised Lab or YCbCr, channels [L|ab] or [Y|CbCr]."""
 
-    # Per-channel mean/std of the official train_CMC.py (HobbitLong/CMC@7b227be l. 132–137). Lab: L
-    # from [0, 100] and a, b from their sRGB ranges [−86.183, 98.233] and [−107.857, 94.478] mapped
-    # onto [−1, 1]. YCbCr: as official (≈ the ImageNet mean in skimage's studio range; std ≈ 110).
+    # The official train_CMC.py's (HobbitLong/CMC@7b227be l. 132–137). Lab: L from [0, 100], a and b from their sRGB
+    # ranges [−86.183, 98.233], [−107.857, 94.478], onto [−1, 1]. YCbCr: about ImageNet's mean (studio range).
     STATS = {"Lab": ((50.0, 6.025, -6.6895), (50.0, 92.208, 101.1675)),
              "YCbCr": ((116.151, 121.080, 132.342), (109.500, 111.855, 111.964))}
 
@@ -192,13 +204,11 @@ class ToColorSpace:
 
 # ---------------------------------------------------------------------------------------- datasets
 class DataError(Exception):
-    """A data problem the user must fix (missing folder, unreadable image): scripts turn it into a
-    one-line exit message."""
+    """A data problem the user must fix (a missing folder, an unreadable image). Its text is one line, also when a
+    DataLoader worker re-raised it with the worker's traceback: the scripts exit with it."""
 
-
-def data_error_message(err: Exception) -> str:
-    """The one-line message of a DataError, also when a DataLoader worker re-raised it with its traceback."""
-    return str(err).strip().splitlines()[-1].split("DataError: ")[-1]
+    def __str__(self):
+        return super().__str__().strip().splitlines()[-1].split("DataError: ")[-1]
 
 
 def load_image(path: str) -> Image.Image:
@@ -210,41 +220,20 @@ def load_image(path: str) -> Image.Image:
 
 
 class SyntheticTextures(torch.utils.data.Dataset):
-    """`--data synthetic`: 10 texture classes, generated from a seed, no files.
-
-    Design. A class is a *texture*, a pattern that fills the whole image, so it survives every
-    crop the methods take and any two crops of one image share it. The only nuisances drawn per
-    image are ones the papers' augmentations randomise, so instance discrimination has no
-    class-free shortcut: the period (4–8 px at 32 px; scale crops), the phase (crop position; all
-    classes are flip-symmetric), the grey levels and contrast (brightness/contrast jitter; their
-    range is narrower than the jitter's), and pixel noise. Colour carries the pattern, not the
-    instance: light parts are warm and dark parts cool in every image, so CMC's a/b view shows
-    the texture too, and colour identifies no image.
-      0 horizontal stripes   1 vertical stripes   2 checkerboard   3 diamond checkerboard (45°)
-      4 dots                 5 grid lines         6 concentric rings  7 plaid (thick + thin bars)
-      8 zig-zag stripes      9 smooth blobs
-    Measured with the kNN monitor (2 cores, ResNet-18, ImageNet stem, MoCo v2 flags of
-    benchmarks/quality.py, 39 steps of batch 128): the previous design also drew a ±12° rotation,
-    an illumination gradient, wide grey levels and a per-image colour tint, none of which any
-    augmentation undoes. Each was an instance ID: MoCo's kNN fell from 39.5 % (random encoder) to
-    33.3 % after one epoch and 25 % after eight, at every lr from 0.006 to 0.3 (33.6, 33.3,
-    32.6 %), and not with lr 0 (40.7 %: not BN statistics). With the rotation, gradient, grey range
-    and tint removed, the same epoch went from 72.3 % to 80.3 %; with only the rotation and tint
-    left, 54.7 → 56.0 %; with only the tint, 59.2 → 62.5 %. (Before that: two independent random
-    colours per image kept the kNN at chance; a class defined by one object does not survive
-    0.2-scale crops.)
-
-    `--data synthetic` has 5000 train / 1000 val images; `synthetic:N` has N train and N/5 val.
-    """
+    """`--data synthetic`: 10 texture classes, generated from a seed, no files (docs/synthetic.md: the design and what
+    was measured before it). A class is a texture that fills the whole image, so it survives every crop and any two
+    crops of one image share it; the only nuisances drawn per image are ones the papers' augmentations randomise
+    (period: scale crops; phase: crop position, every class being flip-symmetric; grey levels and contrast within the
+    jitter's range; pixel noise), so instance discrimination has no class-free shortcut. Light parts are warm and dark
+    parts cool in every image, so CMC's ab view shows the texture too. `synthetic:N`: N train and N/5 val images."""
 
     classes = ["horizontal stripes", "vertical stripes", "checkerboard", "diamond checkerboard", "dots",
                "grid lines", "concentric rings", "plaid", "zig-zag stripes", "smooth blobs"]
     num_classes = len(classes)
 
-    def __init__(self, size: int = 5000, split: str = "train", image_size: int = 32,
-                 transform=None, seed: int = 0):
+    def __init__(self, size: int = 5000, split: str = "train", image_size: int = 32, transform=None, seed: int = 0):
         self.transform = transform
-        g = torch.Generator().manual_seed(seed * 2 + (split != "train"))
+        g = torch.Generator().manual_seed(seed * 2 + (split == "val"))
         self.targets = torch.arange(size) % self.num_classes  # balanced classes
         self.targets = self.targets[torch.randperm(size, generator=g)]
         images = [self._render(self.targets[i:i + 500], image_size, g) for i in range(0, size, 500)]
@@ -308,6 +297,44 @@ class SyntheticTextures(torch.utils.data.Dataset):
         return img, int(self.targets[index])
 
 
+class SyntheticShapes(SyntheticTextures):
+    """`--data shapes`: 8 shape classes, not textures (to check that a recipe tuned on `synthetic` holds on other data):
+    3 to 5 shapes of one class an image, each with its own size (radius 3-8 px at 32 px), rotation, position, light or
+    dark colour of any hue, on a colour gradient of random direction, behind two rectangles of any colour (occluders);
+    colour names no class. `shapes:N`: N train and N/5 val images."""
+
+    classes = ["disc", "square", "triangle", "plus", "ring", "bar", "half disc", "frame"]
+    num_classes = len(classes)
+
+    @staticmethod
+    def _render(labels: torch.Tensor, s: int, g: torch.Generator) -> torch.Tensor:
+        n = len(labels)
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=g)
+
+        yy, xx = torch.meshgrid(*[(torch.arange(s, dtype=torch.float32) + 0.5) / s] * 2, indexing="ij")  # H×W
+        angle, count = 2 * math.pi * rand(n, 1, 1), 3 + (3 * rand(n)).long()
+        ramp = ((xx - 0.5) * angle.cos() + (yy - 0.5) * angle.sin() + 0.71) / 1.42  # n×H×W in [0, 1]
+        low, high = 0.25 + 0.5 * rand(n, 1, 1, 3), 0.25 + 0.5 * rand(n, 1, 1, 3)
+        img = low + (high - low) * ramp.unsqueeze(-1)  # n×H×W×3
+        for j in range(5):
+            cx, cy, r, turn = rand(n, 1, 1), rand(n, 1, 1), 0.1 + 0.15 * rand(n, 1, 1), 2 * math.pi * rand(n, 1, 1)
+            u = ((xx - cx) * turn.cos() + (yy - cy) * turn.sin()) / r  # the shape's own frame, radius 1
+            v = ((yy - cy) * turn.cos() - (xx - cx) * turn.sin()) / r
+            d, m = (u ** 2 + v ** 2).sqrt(), torch.maximum(u.abs(), v.abs())
+            masks = torch.stack([d < 1, m < 0.8, (v > -0.5) & (1.732 * u.abs() + v < 1),
+                                 ((u.abs() < 0.3) | (v.abs() < 0.3)) & (m < 1), (d > 0.55) & (d < 1),
+                                 (u.abs() < 1) & (v.abs() < 0.3), (d < 1) & (v > 0), (m > 0.5) & (m < 0.9)], 1)
+            colour = torch.where(rand(n, 1, 1, 1) < 0.5, 0.2 * rand(n, 1, 1, 3), 0.8 + 0.2 * rand(n, 1, 1, 3))
+            img = torch.where((masks[torch.arange(n), labels] & (j < count).view(n, 1, 1)).unsqueeze(-1), colour, img)
+        for _ in range(2):  # the occluders
+            cx, cy, w, h = rand(n, 1, 1), rand(n, 1, 1), 0.05 + 0.15 * rand(n, 1, 1), 0.05 + 0.15 * rand(n, 1, 1)
+            img = torch.where((((xx - cx).abs() < w) & ((yy - cy).abs() < h)).unsqueeze(-1), rand(n, 1, 1, 3), img)
+        img = img + 0.03 * torch.randn(n, s, s, 3, generator=g)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 class WithIndex(torch.utils.data.Dataset):
     """(image, target, index): memory banks (InsDis, CMC) and kNN need the sample's index."""
 
@@ -323,8 +350,12 @@ class WithIndex(torch.utils.data.Dataset):
 
 
 def default_image_size(data: str) -> int:
-    name = data.split(":")[0]
-    return {"synthetic": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}.get(name, 224)
+    return {"synthetic": 32, "shapes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}.get(data.split(":")[0], 224)
+
+
+def labelled(data: str) -> bool:
+    """The built-in data sets, whose labels the kNN monitor uses by default (an image folder's may be placeholders)."""
+    return data.split(":")[0] in ("synthetic", "shapes", "cifar10", "cifar100", "stl10")
 
 
 def build_dataset(data: str, split: str, transform, data_root: str = "./data",
@@ -333,10 +364,9 @@ def build_dataset(data: str, split: str, transform, data_root: str = "./data",
 
     An image folder is `ROOT/train/CLASS/*` + `ROOT/val/CLASS/*`, or `ROOT/CLASS/*` (train only)."""
     name, _, arg = data.partition(":")
-    if name == "synthetic":
-        size = int(arg) if arg else 5000
-        n = size if split != "val" else max(size // 5, SyntheticTextures.num_classes)
-        dataset = SyntheticTextures(n, "val" if split == "val" else "train", transform=transform)
+    if name in ("synthetic", "shapes"):
+        cls, size = SyntheticTextures if name == "synthetic" else SyntheticShapes, int(arg) if arg else 5000
+        dataset = cls(size if split != "val" else max(size // 5, cls.num_classes), split, transform=transform)
     elif name in ("cifar10", "cifar100", "stl10"):
         created = not os.path.exists(data_root)
         try:
@@ -366,11 +396,8 @@ def build_dataset(data: str, split: str, transform, data_root: str = "./data",
 
 
 class SeededViews(torch.utils.data.Dataset):
-    """Every training sample's augmentation is a pure function of (seed, epoch, index): torch's CPU
-    generator and `random` are seeded from them around each `dataset[index]` and then restored. The
-    views then no longer depend on which worker drew the sample or where a loader was restarted, so
-    `--workers 0` and `--workers 2` train identically, a run resumed mid-epoch sees the same views,
-    and loading draws nothing from the training process's RNG. The epoch is the sampler's."""
+    """A training sample's views are a function of (seed, epoch, index), torch's and Python's generators seeded around
+    each `dataset[index]` and restored: they do not depend on the worker or on where a run was resumed."""
 
     def __init__(self, dataset, sampler, seed: int):
         self.dataset, self.sampler, self.seed = dataset, sampler, seed
@@ -391,29 +418,21 @@ class SeededViews(torch.utils.data.Dataset):
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """A DistributedSampler whose epoch can start part-way: `set_epoch(epoch, start)` skips the first
-    `start` of this rank's indices of that epoch (a run resumed after `start / batch` steps). len()
-    stays the whole epoch's, so the loader's len(), the progress lines and per-step schedules count
-    from the epoch's start."""
+    """A DistributedSampler that skips the first `start` of this rank's indices of the epoch (a run resumed mid-epoch).
+    len() stays the whole epoch's, so step counts and per-step schedules count from the epoch's start."""
 
     start = 0
-
-    def set_epoch(self, epoch: int, start: int = 0):
-        super().set_epoch(epoch)
-        self.start = start
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)
 
 
-def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: int,
-                 train: bool = True, seed=None):
-    """DataLoader over this process's shard. One process is world size 1 of the same code path:
-    call `loader.sampler.set_epoch(epoch)` every epoch to reshuffle. `batch_size` is per process.
-    A training loader's views are seeded per sample (`SeededViews`) from `seed` (--seed; without it
-    the process's random initial seed), its order from `seed or 0` (the same on every rank).
-    An evaluation loader (train=False) draws its worker seeds from its own generator, so iterating
-    it leaves the global RNG of the training stream untouched."""
+def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: int, train: bool = True, seed=None):
+    """DataLoader over this process's shard (`batch_size` per process; one process is world size 1). A training loader's
+    views are seeded per sample from `seed` (--seed, else a random one), its order from `seed or 0`; an evaluation
+    loader (train=False) draws nothing from the training process's generator."""
+    if train and len(dataset) < batch_size * world_size:
+        raise DataError(f"the data has {len(dataset)} images, fewer than the global batch {batch_size * world_size}")
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed or 0,
                                drop_last=train)
     if train:
@@ -422,3 +441,10 @@ def build_loader(dataset, batch_size: int, workers: int, rank: int, world_size: 
                                        num_workers=workers, pin_memory=torch.cuda.is_available(),
                                        drop_last=train, persistent_workers=False,
                                        generator=None if train else torch.Generator())
+
+
+def knn_loaders(args, rank: int, world_size: int, last=normalize) -> list:
+    """The kNN monitor's data: the train and val splits of --data in the evaluation view, with their indices."""
+    return [build_loader(build_dataset(args.data, split, eval_transform(args.image_size, last), args.data_root, True),
+                         args.batch_size // world_size, args.workers, rank, world_size, train=False)
+            for split in ("train", "val")]

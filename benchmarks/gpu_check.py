@@ -180,7 +180,7 @@ def check_checkpoint(path: str, linear_eval) -> str:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if any("_orig_mod." in key for key in ckpt["state_dict"]):
             return "keys with _orig_mod."
-        linear_eval.load_backbone(path, None, False)
+        linear_eval.load_backbone(path, None, "auto", log=lambda line: None)
         return "loads"
     except (Exception, SystemExit) as err:  # noqa: BLE001: linear_eval's fail() is a SystemExit
         return f"fails: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"

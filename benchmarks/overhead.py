@@ -26,11 +26,13 @@ the overhead that a larger per-device batch amortises.
 """
 import argparse
 import datetime
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -52,6 +54,11 @@ def script_args(module, args, *extra):
     """The script's own defaults (its parse_args), with the benchmark's arch, batch and image size."""
     return module.parse_args(["--data", "synthetic", "-a", args.arch, "-b", str(args.batch_size),
                               "--image-size", str(args.image_size), *extra])
+
+
+def backbone(module, a):
+    """The script's own base encoder, `resnet(arch, stem)`, with torchvision's stem: the floor's network."""
+    return partial(module.resnet, a.arch, "imagenet")
 
 
 def plain_resnet(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -82,7 +89,7 @@ def floor_step(nets_with_grad, nets_no_grad):
 def build_moco(args, device, x1, x2, index):
     import moco
     a = script_args(moco, args, "--moco-k", str(MOCO_K))
-    model = moco.MoCo(models.__dict__[a.arch], a.moco_dim, a.moco_k, a.moco_m, a.moco_t, a.mlp).to(device).train()
+    model = moco.MoCo(backbone(moco, a), a.moco_dim, a.moco_k, a.moco_m, a.moco_t, a.mlp).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), a.lr, momentum=a.momentum, weight_decay=a.wd)
     losses, top1, top5 = common.AverageMeter("Loss"), common.AverageMeter("Acc@1"), common.AverageMeter("Acc@5")
 
@@ -94,7 +101,7 @@ def build_moco(args, device, x1, x2, index):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        moco.unwrap(model)._dequeue_and_enqueue(k)
+        model._dequeue_and_enqueue(k)  # the script's getattr(model, "module", model): no DDP here
 
     net = plain_resnet(a.arch, a.moco_dim).to(device).train()
     return step, optimizer, floor_step([(net, x1)], [(net, x2)])
@@ -103,8 +110,8 @@ def build_moco(args, device, x1, x2, index):
 def build_simclr(args, device, x1, x2, index):
     import simclr
     a = script_args(simclr, args)
-    model = simclr.SimCLR(models.__dict__[a.arch], a.proj_out_dim).to(device).train()
-    a.init_lr = a.lr * a.batch_size / 256
+    model = simclr.SimCLR(backbone(simclr, a), a.proj_out_dim).to(device).train()
+    a.init_lr = a.lr * (a.batch_size / 256 if a.lr_scaling == "linear" else math.sqrt(a.batch_size))  # as main()
     optimizer = simclr.LARS(simclr.lars_param_groups(model), a.init_lr, a.momentum, a.wd)
     losses, top1, top5 = common.AverageMeter("Loss"), common.AverageMeter("Acc@1"), common.AverageMeter("Acc@5")
     counter = [0]
@@ -129,7 +136,7 @@ def build_simclr(args, device, x1, x2, index):
 def build_byol(args, device, x1, x2, index):
     import byol
     a = script_args(byol, args)
-    model = byol.BYOL(models.__dict__[a.arch], a.dim, a.hidden_dim).to(device).train()
+    model = byol.BYOL(backbone(byol, a), a.dim, a.hidden_dim, a.zero_init_basic).to(device).train()
     a.init_lr = a.lr * a.batch_size / 256
     optimizer = byol.LARS(byol.lars_param_groups(model), a.init_lr, momentum=a.momentum, weight_decay=a.wd)
     losses, taus, p_stds = common.AverageMeter("Loss"), common.AverageMeter("Tau"), common.AverageMeter("Std(p)")
@@ -148,7 +155,7 @@ def build_byol(args, device, x1, x2, index):
         loss.backward()
         optimizer.step()
         tau = byol.target_tau(s, total_steps, a.tau_base)
-        byol.unwrap(model)._update_target_network(tau)
+        model._update_target_network(tau)
         taus.update(tau)
 
     net = plain_resnet(a.arch, a.dim).to(device).train()
@@ -158,7 +165,7 @@ def build_byol(args, device, x1, x2, index):
 def build_simsiam(args, device, x1, x2, index):
     import simsiam
     a = script_args(simsiam, args)
-    model = simsiam.SimSiam(models.__dict__[a.arch], a.dim, a.pred_dim).to(device).train()
+    model = simsiam.SimSiam(backbone(simsiam, a), a.dim, a.pred_dim).to(device).train()
     a.init_lr = a.lr * a.batch_size / 256
     optimizer = torch.optim.SGD([{"params": model.encoder.parameters(), "fix_lr": False},
                                  {"params": model.predictor.parameters(), "fix_lr": a.fix_pred_lr}],
@@ -180,11 +187,11 @@ def build_simsiam(args, device, x1, x2, index):
 def build_insdis(args, device, x1, x2, index):
     import insdis
     a = script_args(insdis, args, "--nce-k", str(NCE_K))
-    model = insdis.InsDis(models.__dict__[a.arch], BANK_N, a.feat_dim, a.nce_k, a.nce_t, a.nce_m,
+    model = insdis.InsDis(backbone(insdis, a), BANK_N, a.feat_dim, a.nce_k, a.nce_t, a.nce_m,
                           a.softmax).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), a.lr, momentum=a.momentum, weight_decay=a.wd)
     losses, probs = common.AverageMeter("Loss"), common.AverageMeter("Prob")
-    n_data = insdis.unwrap(model).n_data
+    n_data = model.n_data
 
     def step():
         out, f, v = model(x1, index)
@@ -193,7 +200,7 @@ def build_insdis(args, device, x1, x2, index):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        insdis.unwrap(model)._update_memory(index, f.detach())
+        model._update_memory(index, f.detach())
 
     net = plain_resnet(a.arch, a.feat_dim).to(device).train()
     return step, optimizer, floor_step([(net, x1)], [])
@@ -202,11 +209,11 @@ def build_insdis(args, device, x1, x2, index):
 def build_cmc(args, device, x1, x2, index):
     import cmc
     a = script_args(cmc, args, "--nce-k", str(NCE_K))
-    model = cmc.CMC(models.__dict__[a.arch], BANK_N, a.feat_dim, a.nce_k, a.nce_t, a.nce_m,
+    model = cmc.CMC(backbone(cmc, a), BANK_N, a.feat_dim, a.nce_k, a.nce_t, a.nce_m,
                     a.softmax).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), a.lr, momentum=a.momentum, weight_decay=a.wd)
     losses, l_prob, ab_prob = common.AverageMeter("Loss"), common.AverageMeter("l_p"), common.AverageMeter("ab_p")
-    n_data = cmc.unwrap(model).n_data
+    n_data = model.n_data
 
     def step():
         out_l, out_ab, f_l, f_ab = model(x1, index)
@@ -215,7 +222,7 @@ def build_cmc(args, device, x1, x2, index):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        cmc.unwrap(model)._update_memory(index, f_l, f_ab)
+        model._update_memory(index, f_l, f_ab)
 
     net_l = plain_resnet(a.arch, a.feat_dim, in_channels=1).to(device).train()
     net_ab = plain_resnet(a.arch, a.feat_dim, in_channels=2).to(device).train()
@@ -271,10 +278,10 @@ def main(argv=None) -> list:
     parser.add_argument("--warmup", type=int, default=3, help="untimed (step, floor) pairs first")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--smoke", action="store_true", help="batch 8, 32 px, 2 reps: checks that it runs")
+    parser.add_argument("--smoke", action="store_true", help="batch 8, 16 px, 1 rep, no warm-up: checks that it runs")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.batch_size, args.image_size, args.reps, args.warmup = 8, 32, 2, 1
+        args.batch_size, args.image_size, args.reps, args.warmup = 8, 16, 1, 0
     if MOCO_K % args.batch_size and "moco" in args.methods:
         parser.error(f"-b {args.batch_size}: MoCo's K={MOCO_K} must be a multiple of the batch")
     if args.batch_size > BANK_N:

@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,21 @@ def _worker(rank: int, world_size: int, port: int, fn, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, *args, world_size: int = 2):
+def run_distributed(fn, *args, world_size: int = 2, timeout: float = 120):
     """Runs fn(rank, world_size, *args) in `world_size` spawned processes joined by a gloo group.
-    fn must be a module-level function; it reports by writing files (e.g. into a tmp_path)."""
-    mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    fn must be a module-level function; it reports by writing files (e.g. into a tmp_path). A group
+    still running after `timeout` seconds is killed, every rank, and the test fails."""
+    context = mp.start_processes(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world_size} gloo ranks still running after {timeout} s: killed")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
 
 
 def _run_workers(rank: int, world_size: int, jobs):
@@ -84,13 +96,23 @@ def gloo_dir(request, _gloo_runs):
     return _gloo_runs[_worker_key(request.node.get_closest_marker("gloo_worker").kwargs["worker"])]
 
 
-def run_script(script: str, *args, nproc: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
-    """The real command line: `python X.py ...`, or `torchrun --standalone --nproc_per_node=N X.py ...`."""
+def run_script(script: str, *args, nproc: int = 0, timeout: float = 120, env=None) -> subprocess.CompletedProcess:
+    """The real command line: `python X.py ...`, or `torchrun --standalone --nproc_per_node=N X.py ...`, in a session
+    of its own: at `timeout` seconds the whole process group (torchrun, every rank, loader workers) is killed and
+    the test fails with the last lines each stream printed."""
     launcher = [sys.executable] if nproc == 0 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(launcher + [str(ROOT / script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    proc = subprocess.Popen(launcher + [str(ROOT / script), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{script} still running after {timeout} s: killed its process group. Last output:\n"
+                    + "\n".join(stdout.splitlines()[-10:] + stderr.splitlines()[-10:]))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def last_line(text: str) -> str:

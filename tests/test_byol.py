@@ -1,9 +1,12 @@
-"""BYOL: τ schedule, target EMA and stop-gradient, loss (Eq. 2, symmetrised), LARS, lr schedule,
-end to end (1 and 2 processes, resume, linear_eval), errors."""
+"""BYOL: τ schedule, target EMA and stop-gradient, loss (Eq. 2, symmetrised), LARS, lr schedule, end to end (a run
+in this process, its resume and linear_eval; the command line under torchrun). Start-up errors: test_errors.py."""
 import argparse
-import inspect
+import contextlib
+import io
 import json
 import math
+import shutil
+import types
 
 import pytest
 import torch
@@ -13,10 +16,11 @@ import byol
 import linear_eval
 from conftest import run_script
 
-TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "16", "--image-size", "16", "--dim", "16",
+TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "16", "--image-size", "8", "--dim", "16",
         "--hidden-dim", "32", "--warmup-epochs", "1", "-j", "0", "--seed", "0", "-p", "2"]
 TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
-STEPS = 4  # 64 images, global batch 16
+STEPS = 4  # 64 images, global batch 16 (tests/test_preemption.py counts on it too)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):
@@ -214,8 +218,25 @@ def test_prediction_std_is_zero_when_every_prediction_has_the_same_direction():
 
 
 # ------------------------------------------------------------------------------------------ LARS
-def test_lars_is_the_linear_eval_copy():
-    assert inspect.getsource(byol.LARS) == inspect.getsource(linear_eval.LARS)
+def test_lars_is_linear_evals_larc_then_sgd():
+    """The same LARS maths in both scripts: byol.LARS's step equals linear_eval's larc_ (g + λw, scaled by
+    η‖w‖/‖g + λw‖) then a plain SGD step with momentum, over three steps (the momentum buffers carry over)."""
+    torch.manual_seed(0)
+    w, w_ref = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.empty(4, 3))
+    b, b_ref = nn.Parameter(torch.randn(4)), nn.Parameter(torch.empty(4))
+    with torch.no_grad():
+        w_ref.copy_(w), b_ref.copy_(b)
+    lars = byol.LARS([{"params": [w]}, {"params": [b], "lars_exclude": True, "weight_decay": 0.0}], 0.5,
+                     momentum=0.9, weight_decay=0.1)
+    sgd = torch.optim.SGD([w_ref, b_ref], lr=0.5, momentum=0.9)
+    for _ in range(3):
+        gw, gb = torch.randn(4, 3), torch.randn(4)
+        w.grad, b.grad, w_ref.grad, b_ref.grad = gw.clone(), gb.clone(), gw.clone(), gb.clone()
+        lars.step()
+        linear_eval.larc_([w_ref], weight_decay=0.1)  # the excluded bias: no decay, no trust ratio
+        sgd.step()
+        torch.testing.assert_close(w.detach(), w_ref.detach())
+        torch.testing.assert_close(b.detach(), b_ref.detach())
 
 
 def test_lars_two_steps_by_hand_and_excluded_params_are_plain_sgd():
@@ -254,7 +275,7 @@ def test_param_groups_exclude_every_bias_and_bn_and_skip_the_target():
 def test_train_step_uses_the_global_step_and_updates_the_target_after_the_online_step():
     model = tiny_byol()
     perturb_target(model)
-    args = argparse.Namespace(epochs=6, warmup_epochs=1, init_lr=0.5, tau_base=0.9, print_freq=1, output_dir="x", amp=False)
+    args = argparse.Namespace(epochs=6, warmup_epochs=1, init_lr=0.5, tau_base=0.9, print_freq=1, amp=False)
     optimizer = byol.LARS(byol.lars_param_groups(model), args.init_lr, momentum=0.9, weight_decay=1e-3)
     loader = [([torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6)], torch.zeros(4))] * 2  # 2 steps an epoch
     calls, update = [], model._update_target_network
@@ -265,7 +286,8 @@ def test_train_step_uses_the_global_step_and_updates_the_target_after_the_online
         update(tau)
 
     model._update_target_network = recording_update
-    metrics = byol.train_one_epoch(loader, model, optimizer, 3, args, torch.device("cpu"), False)
+    run = types.SimpleNamespace(steps=lambda loader, epoch: enumerate(loader), device=torch.device("cpu"), rank=0)
+    metrics = byol.train_one_epoch(loader, model, optimizer, 3, args, run)
     # epoch 3 of 6 with 2 steps an epoch: global steps 6 and 7 of K = 12
     assert [tau for tau, _, _ in calls] == pytest.approx([byol.target_tau(k, 12, 0.9) for k in (6, 7)], abs=1e-12)
     assert metrics["tau"] == pytest.approx(byol.target_tau(7, 12, 0.9), abs=1e-12)
@@ -279,66 +301,39 @@ def test_train_step_uses_the_global_step_and_updates_the_target_after_the_online
 
 
 # ---------------------------------------------------------------------------------- end to end
-@pytest.mark.slow
-def test_one_process_run_checkpoint_and_linear_eval(tmp_path, capsys):
-    out = tmp_path / "run"
-    proc = run_script("byol.py", *TINY, "--epochs", "1", "--output-dir", out)
-    assert proc.returncode == 0, proc.stderr
-    assert "=> creating model 'resnet18'" in proc.stdout and "Tau 0.99" in proc.stdout
-    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["method"] == "byol" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
-    keys = list(ckpt["state_dict"])
-    assert all(k.startswith(("module.encoder.", "module.predictor.", "module.target_encoder.")) for k in keys)
-    for prefix in ("module.encoder.conv1.", "module.encoder.fc.0.", "module.predictor.3.", "module.target_encoder.fc.3."):
-        assert any(k.startswith(prefix) for k in keys), prefix
-    assert ckpt["tau"] == pytest.approx(byol.target_tau(STEPS - 1, STEPS, 0.996), abs=1e-12)  # last of K steps
-
-    # linear_eval.py in this process (its command line: test_linear_eval.py); a failure raises SystemExit here
-    evaluate = ["--data", "synthetic:64", "--image-size", "16", "-j", "0", "-b", "16", "--seed", "0",
-                "--pretrained", str(out / "checkpoint.pth.tar"), "--output-dir", str(tmp_path / "linear")]
-    capsys.readouterr()
-    linear_eval.main(evaluate + ["--knn"])
-    stdout = capsys.readouterr().out
-    assert "(module.encoder.)" in stdout and "=> kNN" in stdout
-    linear_eval.main(evaluate + ["--epochs", "1", "--lr", "1.0"])
-    assert "sanity check passed" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_two_process_run_with_torchrun(tmp_path):
-    proc = run_script("byol.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
-    assert proc.returncode == 0, proc.stderr
-    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 16
-    # 64 images, global batch 16: 4 steps of 8 images per rank; only rank 0 prints; K counts global steps
-    assert proc.stdout.count(f"Epoch: [0/1][0/{STEPS}]") == 1
-    assert ckpt["tau"] == pytest.approx(byol.target_tau(STEPS - 1, STEPS, 0.996), abs=1e-12)
-
-
-class Interrupted(Exception):
-    pass
-
-
-@pytest.mark.slow
-def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    byol.main(TINY + ["--epochs", "2", "--output-dir", str(straight)])
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """In this process, at one thread: a 2-epoch run straight through (τ and lr run over K = 2 epochs), a copy of its
+    checkpoint after epoch 1 (the file a run killed then leaves), and that copy resumed with --resume auto."""
+    root, threads = tmp_path_factory.mktemp("byol"), torch.get_num_threads()
+    straight, split = root / "straight", root / "split"
+    split.mkdir()
     save = byol.save_checkpoint
 
-    def save_then_crash(state, output_dir):  # the same 2-epoch run (τ and lr run over K = 2 epochs), killed after epoch 1
-        save(state, output_dir)
-        raise Interrupted
+    def save_and_copy_epoch_1(state, path):
+        save(state, path)
+        if (state["epoch"], state["step"]) == (1, 0):
+            shutil.copy(path, split / "checkpoint.pth.tar")
 
-    monkeypatch.setattr(byol, "save_checkpoint", save_then_crash)
-    with pytest.raises(Interrupted):
-        byol.main(TINY + ["--epochs", "2", "--output-dir", str(split)])
-    monkeypatch.setattr(byol, "save_checkpoint", save)
-    assert torch.load(split / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
-    capsys.readouterr()
-    byol.main(TINY + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
-    stdout = capsys.readouterr().out
-    assert "(epoch 1)" in stdout and "Epoch: [1/2]" in stdout and "Epoch: [0/2]" not in stdout
-    a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
+            patch.setattr(byol, "save_checkpoint", save_and_copy_epoch_1)
+            byol.main(TINY + ["--epochs", "2", "--output-dir", str(straight)])
+        epoch_1 = torch.load(split / "checkpoint.pth.tar", weights_only=True)
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            byol.main(TINY + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    finally:
+        torch.set_num_threads(threads)
+    return types.SimpleNamespace(straight=straight, split=split, epoch_1=epoch_1, resumed_stdout=stdout.getvalue())
+
+
+@pytest.mark.slow
+def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(runs):
+    stdout = runs.resumed_stdout
+    assert "(epoch 1)" in stdout and "Epoch: [1]" in stdout and "Epoch: [0]" not in stdout
+    a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (runs.straight, runs.split))
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 0)
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert any(k.startswith("module.target_encoder.") for k in a["state_dict"])
     for key in a["state_dict"]:  # online, target, BN statistics
@@ -347,24 +342,46 @@ def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path, 
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
     K = 2 * STEPS
-    assert a["tau"] == b["tau"] == pytest.approx(byol.target_tau(K - 1, K, 0.996), abs=1e-12)
-    log = [json.loads(line) for line in (straight / "log.txt").read_text().splitlines()]
+    assert a["tau"] == b["tau"] == pytest.approx(byol.target_tau(K - 1, K, 0.996), abs=1e-12)  # τ of the last step
+    assert runs.epoch_1["tau"] == pytest.approx(byol.target_tau(STEPS - 1, K, 0.996), abs=1e-12)
+    fc = "module.encoder.fc.3.weight"
+    assert not torch.equal(runs.epoch_1["state_dict"][fc], a["state_dict"][fc])  # the resume trained epoch 1
+    log = [json.loads(line) for line in (runs.straight / "log.txt").read_text().splitlines()]
+    assert [json.loads(line) for line in (runs.split / "log.txt").read_text().splitlines()] == log[1:]
     assert set(log[0]) == {"epoch", "loss", "p_std", "tau", "lr"}  # --knn-every 0: no knn_acc1
     init_lr = 0.2 * 16 / 256  # lr × batch/256; warm-up = epoch 0, then cosine over the 4 steps of epoch 1
     assert log[0]["lr"] == pytest.approx(init_lr * 3 / 4, abs=1e-12)
     assert log[1]["lr"] == pytest.approx(init_lr * 0.5 * (1 + math.cos(math.pi * 3 / 4)), abs=1e-12)
 
 
-# -------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
-    (["--data", "synthetic:256", "--resume", "/no/such.pth.tar"], "--resume: no checkpoint at '/no/such.pth.tar'"),
-    (["--data", "synthetic:16"], "'synthetic:16' has 16 images, fewer than the global batch 32"),
-])
-def test_start_up_errors(argv, message, tmp_path):
-    with pytest.raises(SystemExit) as err:
-        byol.main(argv + ["-a", "resnet18", "-b", "32", "-j", "0", "--output-dir", str(tmp_path)])
-    assert str(err.value) == f"byol.py: {message}"
+@pytest.mark.slow
+def test_checkpoint_and_linear_eval(runs, tmp_path, capsys):
+    ckpt = torch.load(runs.straight / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "byol" and ckpt["arch"] == "resnet18"
+    keys = list(ckpt["state_dict"])
+    assert all(k.startswith(("module.encoder.", "module.predictor.", "module.target_encoder.")) for k in keys)
+    for prefix in ("module.encoder.conv1.", "module.encoder.fc.0.", "module.predictor.3.", "module.target_encoder.fc.3."):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    # linear_eval.py in this process (its command line: test_linear_eval.py); a failure raises SystemExit here
+    evaluate = ["--data", "synthetic:64", "--image-size", "8", "-j", "0", "-b", "16", "--seed", "0",
+                "--pretrained", str(runs.straight / "checkpoint.pth.tar"), "--output-dir", str(tmp_path / "linear")]
+    linear_eval.main(evaluate + ["--knn"])
+    stdout = capsys.readouterr().out
+    assert "(module.encoder.)" in stdout and "module.target_encoder.*" in stdout and "=> kNN" in stdout
+    linear_eval.main(evaluate + ["--epochs", "1", "--lr", "1.0"])
+    assert "sanity check passed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_process_run_with_torchrun(tmp_path):
+    """The command line (the one start of this file): 2 ranks of 8 images a step, K counting global steps."""
+    proc = run_script("byol.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert "=> creating model 'resnet18'" in proc.stdout and "Tau 0.99" in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "byol" and ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 16
+    assert proc.stdout.count(f"Epoch: [0][0/{STEPS}]") == 1  # only rank 0 prints
+    assert ckpt["tau"] == pytest.approx(byol.target_tau(STEPS - 1, STEPS, 0.996), abs=1e-12)  # last of K steps
 
 
 def test_paper_defaults():

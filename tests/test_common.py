@@ -17,6 +17,18 @@ def test_average_meter_keeps_tensors_on_device_until_read():
     assert meter.avg == pytest.approx(3.0) and str(meter) == "Loss 5.00 (3.00)"
 
 
+def test_progress_line_ends_with_the_time_left_in_the_epoch_and_the_run(capsys):
+    step, loss = common.AverageMeter("Time", ":.1f"), common.AverageMeter("Loss", ":.2f")
+    step.update(2.0), step.update(4.0)  # 3 s a step on average
+    loss.update(torch.tensor(0.5))
+    common.ProgressMeter(10, [step, loss], "Epoch: [1]", steps_after=20).display(3)
+    common.ProgressMeter(10, [step, loss], "Epoch: [1]").display(9)
+    first, second = capsys.readouterr().out.splitlines()
+    # steps 4..9 are left in the epoch (6 × 3 s), 20 more after it ((6 + 20) × 3 s = 78 s)
+    assert first == "Epoch: [1][ 3/10]\tTime 4.0 (3.0)\tLoss 0.50 (0.50)\tETA 0:00:18 (run 0:01:18)"
+    assert second == "Epoch: [1][ 9/10]\tTime 4.0 (3.0)\tLoss 0.50 (0.50)"  # no steps_after: no ETA
+
+
 def test_accuracy_top_k_by_hand():
     output = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5], [0.5, 0.1, 0.4]])
     target = torch.tensor([1, 1, 0, 2])  # top-1 right: row 0; top-2 right: rows 0, 1, 3
@@ -107,14 +119,27 @@ def test_build_dataset_image_folder_layouts_and_errors(tmp_path):
         common.build_dataset(str(tmp_path / "flat"), "val", None)
 
 
-def test_unreadable_image_is_a_data_error_with_the_path(tmp_path):
+def test_unreadable_image_is_a_data_error_whose_text_is_one_line(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
     with pytest.raises(common.DataError) as err:
         common.load_image(str(tmp_path / "bad.jpg"))
-    assert common.data_error_message(err.value).startswith(f"cannot read image '{tmp_path / 'bad.jpg'}'")
+    assert str(err.value).startswith(f"cannot read image '{tmp_path / 'bad.jpg'}': ") and "\n" not in str(err.value)
     wrapped = common.DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback:\n"
-                               "  File ...\ncommon.DataError: cannot read image 'x.jpg': broken")
-    assert common.data_error_message(wrapped) == "cannot read image 'x.jpg': broken"
+                               "  File ...\ncommon.DataError: cannot read image 'x.jpg': broken\n")
+    assert str(wrapped) == "cannot read image 'x.jpg': broken"  # what the scripts print
+
+
+@pytest.mark.slow  # a loader worker process
+def test_a_data_error_re_raised_by_a_loader_worker_prints_as_its_one_line(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "bad.jpg").write_bytes(b"garbage")
+    loader = common.build_loader(common.build_dataset(str(tmp_path), "train", None), 1, 1, 0, 1, train=False)
+    loader.collate_fn = lambda batch: batch  # PIL images as they are
+    with pytest.raises(common.DataError) as err:
+        next(iter(loader))
+    assert "Original Traceback" in err.value.args[0]  # torch's wrapping, with the worker's traceback
+    assert str(err.value).startswith(f"cannot read image '{tmp_path / 'cat' / 'bad.jpg'}': cannot identify image")
+    assert "\n" not in str(err.value)
 
 
 def test_loader_shards_disjointly_and_reshuffles_per_epoch():
@@ -124,6 +149,9 @@ def test_loader_shards_disjointly_and_reshuffles_per_epoch():
     assert len(seen[0]) == len(seen[1]) == 50 and not set(seen[0].tolist()) & set(seen[1].tolist())
     shards[0].sampler.set_epoch(1)
     assert not torch.equal(torch.cat([index for _, _, index in shards[0]]), seen[0])
+    with pytest.raises(common.DataError, match=r"^the data has 100 images, fewer than the global batch 104$"):
+        common.build_loader(dataset, 52, 0, 0, 2, train=True)  # a training loader needs one whole global batch
+    assert len(common.build_loader(dataset, 52, 0, 0, 2, train=False)) == 1  # evaluation: every image, no drop
 
 
 def _views_loader(workers: int, seed=3):
@@ -159,11 +187,13 @@ def test_two_workers_load_the_same_batches_as_the_main_process():
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
 
 
-def test_resumable_sampler_skips_the_first_indices_of_one_epoch_only():
+def test_resumable_sampler_skips_its_first_start_indices():
     sampler = common.ResumableSampler(range(50), num_replicas=2, rank=1, shuffle=True, seed=3, drop_last=True)
     sampler.set_epoch(4)
     whole = list(sampler)
-    sampler.set_epoch(4, start=10)  # a run resumed after 2 steps of 5 images on this rank
+    sampler.start = 10  # a run resumed after 2 steps of 5 images on this rank (Run.steps sets it every epoch)
     assert list(sampler) == whole[10:] and len(sampler) == len(whole) == 25  # len(): the whole epoch
     sampler.set_epoch(5)
-    assert len(list(sampler)) == 25  # the next epoch starts at its beginning
+    assert list(sampler) != whole[10:] and len(list(sampler)) == 15  # another order, the same skip
+    sampler.start = 0
+    assert len(list(sampler)) == 25  # the next epoch from its beginning

@@ -85,3 +85,15 @@ def test_every_docs_page_is_reachable_from_readme():
 def test_every_script_has_its_page_and_its_docstring_names_it(name):
     assert (ROOT / "docs" / f"{name}.md").is_file()
     assert f"docs/{name}.md" in importlib.import_module(name).__doc__
+
+
+def test_readme_is_a_front_door():
+    """README.md: at most 120 lines, the set-up and test command CI runs, and no commit id of this repository
+    (citations of official commits live on the docs pages)."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 120
+    assert "python3 -m pytest -q tests" in text and "pip install -r requirements.txt" in text
+    ids = [w for w in re.findall(r"\b[0-9a-f]{7,40}\b", text) if re.search(r"[a-f]", w) and re.search(r"\d", w)]
+    assert not ids, ids
+    for section in ("## Set-up", "## Quickstart", "## Launching", "## Methods", "## Results"):
+        assert section in text, section

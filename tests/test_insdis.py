@@ -1,18 +1,24 @@
-"""InsDis: NCE and softmax losses, Z, memory bank, positive row, 2-rank consistency, end to end, errors."""
+"""InsDis: NCE and softmax losses, Z, memory bank, positive row, 2-rank consistency, end to end (runs in this process,
+their resume and linear_eval; the command line under torchrun), its own start-up error (the shared ones:
+test_errors.py)."""
+import contextlib
+import io
 import os
 import shutil
+import types
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import insdis
 import linear_eval
 from conftest import run_script
 
-TINY = ["--data", "synthetic:128", "-a", "resnet18", "-b", "32", "--nce-k", "32", "-j", "0",
-        "--seed", "0", "-p", "2"]
+TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "32", "--nce-k", "32", "--image-size", "8", "-j", "0",
+        "--seed", "0", "-p", "2"]  # 2 steps an epoch (tests/test_preemption.py runs it on 96 images: 3)
 TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
 
 
@@ -218,69 +224,62 @@ def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(gloo_dir):
 
 # ------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """One epoch with the real command line, shared by the tests that read a checkpoint."""
-    out = tmp_path_factory.mktemp("insdis")
-    proc = run_script("insdis.py", *TINY, "--epochs", "1", "--output-dir", out, "--prox-lambda", "1")
-    return out, proc
+def runs(tmp_path_factory):
+    """In this process, at one thread, with --bank-init features (the bank is filled once, at the start, never on
+    resume) and the proximal term: a 2-epoch run straight through, a copy of its checkpoint after epoch 1 (the file a
+    run killed then leaves), and that copy resumed with --resume auto; the resume's stdout."""
+    root, threads = tmp_path_factory.mktemp("insdis"), torch.get_num_threads()
+    straight, split = root / "straight", root / "split"
+    split.mkdir()
+    argv = TINY + ["--bank-init", "features", "--prox-lambda", "1", "--epochs", "2"]
+    save = insdis.save_checkpoint
+
+    def save_and_copy_epoch_1(state, path):
+        save(state, path)
+        if (state["epoch"], state["step"]) == (1, 0):
+            shutil.copy(path, split / "checkpoint.pth.tar")
+
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
+            patch.setattr(insdis, "save_checkpoint", save_and_copy_epoch_1)
+            insdis.main(argv + ["--output-dir", str(straight)])
+        epoch_1 = torch.load(split / "checkpoint.pth.tar", weights_only=True)
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            insdis.main(argv + ["--output-dir", str(split), "--resume", "auto"])
+    finally:
+        torch.set_num_threads(threads)
+    return types.SimpleNamespace(straight=straight, split=split, epoch_1=epoch_1, resumed_stdout=stdout.getvalue())
 
 
 @pytest.mark.slow
-def test_one_process_run_checkpoint_and_resume(pretrained, tmp_path, capsys):
-    out, proc = pretrained
-    assert proc.returncode == 0, proc.stderr
-    assert "=> creating model 'resnet18'" in proc.stdout and "Prob" in proc.stdout
-    ckpt = torch.load(out / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["method"] == "insdis" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
-    state = ckpt["state_dict"]
-    assert all(k.startswith("module.encoder.") or k in ("module.memory", "module.Z") for k in state)
-    assert state["module.encoder.fc.weight"].shape == (128, 512) and state["module.memory"].shape == (128, 128)
-    assert float(state["module.Z"]) > 0
-    torch.testing.assert_close(state["module.memory"].norm(dim=1), torch.ones(128))
-    shutil.copytree(out, tmp_path / "run")
-    insdis.main(TINY + ["--epochs", "2", "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
-    stdout = capsys.readouterr().out
-    assert "(epoch 1)" in stdout and "Epoch: [1/2]" in stdout and "Epoch: [0/2]" not in stdout
-    resumed = torch.load(tmp_path / "run" / "checkpoint.pth.tar", weights_only=True)
-    assert resumed["epoch"] == 2 and torch.equal(resumed["state_dict"]["module.Z"], state["module.Z"])
-
-
-@pytest.mark.slow
-def test_two_process_run_with_torchrun(tmp_path):
-    proc = run_script("insdis.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, "--knn-every", "1", nproc=2)
-    assert proc.returncode == 0, proc.stderr
-    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["epoch"] == 1 and float(ckpt["state_dict"]["module.Z"]) > 0
-    # 128 images, global batch 32: 4 steps of 16 images per rank; only rank 0 prints
-    assert proc.stdout.count("Epoch: [0/1][0/4]") == 1 and proc.stdout.count(" * kNN Acc@1") == 1
-
-
-@pytest.mark.slow
-def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    argv = TINY + ["--bank-init", "features"]  # the bank is filled once, at the start, never on resume
-    insdis.main(argv + ["--epochs", "2", "--output-dir", str(straight)])
-    insdis.main(argv + ["--epochs", "1", "--output-dir", str(split)])
-    insdis.main(argv + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
-    a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
+def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(runs):
+    stdout = runs.resumed_stdout
+    assert "(epoch 1)" in stdout and "Epoch: [1]" in stdout and "Epoch: [0]" not in stdout and "Prob" in stdout
+    a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (runs.straight, runs.split))
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 0)
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:  # weights, BN statistics, the bank and Z
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    # epoch 1 moved the bank, and kept the Z of the first batch of epoch 0
+    assert not torch.equal(runs.epoch_1["state_dict"]["module.memory"], a["state_dict"]["module.memory"])
+    assert torch.equal(runs.epoch_1["state_dict"]["module.Z"], a["state_dict"]["module.Z"])
 
 
 @pytest.mark.slow
-def test_softmax_run_leaves_z_unset(tmp_path):
-    insdis.main(TINY + ["--epochs", "1", "--softmax", "--output-dir", str(tmp_path)])
-    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert float(ckpt["state_dict"]["module.Z"]) == -1.0 and ckpt["args"]["softmax"]
-
-
-@pytest.mark.slow
-def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
-    data = ["--data", "synthetic:128", "-j", "0", "-b", "32", "--seed", "0", "--output-dir", str(tmp_path),
-            "--pretrained", str(pretrained[0] / "checkpoint.pth.tar")]
+def test_checkpoint_and_linear_eval(runs, tmp_path, capsys):
+    ckpt = torch.load(runs.straight / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "insdis" and ckpt["arch"] == "resnet18" and ckpt["args"]["prox_lambda"] == 1
+    state = ckpt["state_dict"]
+    assert all(k.startswith("module.encoder.") or k in ("module.memory", "module.Z") for k in state)
+    assert state["module.encoder.fc.weight"].shape == (128, 512) and state["module.memory"].shape == (64, 128)
+    assert float(state["module.Z"]) > 0
+    torch.testing.assert_close(state["module.memory"].norm(dim=1), torch.ones(64))
+    data = ["--data", "synthetic:64", "--image-size", "8", "-j", "0", "-b", "32", "--seed", "0",
+            "--output-dir", str(tmp_path), "--pretrained", str(runs.straight / "checkpoint.pth.tar")]
     metrics = linear_eval.main(data + ["--knn"])
     stdout = capsys.readouterr().out
     assert "used 120 keys (module.encoder.)" in stdout and "module.memory" in stdout
@@ -290,35 +289,46 @@ def test_linear_eval_reads_the_checkpoint(pretrained, tmp_path, capsys):
     assert "sanity check passed" in stdout and " * Acc@1" in stdout
 
 
-# -------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
-    (["--data", "synthetic:64", "--nce-k", "64"],
-     "--nce-k 64 must be smaller than the memory bank (64 images in 'synthetic:64')"),
-    (["--data", "synthetic:128", "--resume", "/no/such.pth.tar"], "--resume: no checkpoint at '/no/such.pth.tar'"),
-    (["--data", "synthetic:16"], "'synthetic:16' has 16 images, fewer than the global batch 32"),
-])
-def test_start_up_errors(argv, message, tmp_path):
-    defaults = ["-a", "resnet18", "-b", "32", "-j", "0", "--output-dir", str(tmp_path)]
-    with pytest.raises(SystemExit) as err:
-        insdis.main(argv + defaults + ([] if "--nce-k" in argv else ["--nce-k", "8"]))
-    assert str(err.value) == f"insdis.py: {message}"
+@pytest.mark.slow
+def test_two_process_run_with_torchrun(tmp_path):
+    """The command line (the one start of this file): 2 ranks, Z estimated, the kNN monitor once, rank 0 prints."""
+    proc = run_script("insdis.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, "--knn-every", "1", nproc=2,
+                      timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert "=> creating model 'resnet18'" in proc.stdout and "Prob" in proc.stdout
+    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["method"] == "insdis" and ckpt["epoch"] == 1 and float(ckpt["state_dict"]["module.Z"]) > 0
+    # 64 images, global batch 32: 2 steps of 16 images per rank; only rank 0 prints
+    assert proc.stdout.count("Epoch: [0][0/2]") == 1 and proc.stdout.count(" * kNN Acc@1") == 1
 
 
 @pytest.mark.slow
-def test_an_image_folder_trains_without_the_knn_monitor_unless_asked(tmp_path, capsys):
+def test_softmax_run_on_an_image_folder_leaves_z_unset_and_the_knn_monitor_off_unless_asked(tmp_path, capsys):
     from PIL import Image
     for c in ("a", "b"):
         os.makedirs(tmp_path / "imgs" / c)
         for i in range(4):
-            Image.new("RGB", (40, 40), (i * 40, 100, 200)).save(tmp_path / "imgs" / c / f"{i}.jpg")
+            Image.new("RGB", (12, 12), (i * 40, 100, 200)).save(tmp_path / "imgs" / c / f"{i}.png")
+    out = tmp_path / "out"
     run = ["--data", str(tmp_path / "imgs"), "-a", "resnet18", "-b", "4", "--nce-k", "4", "-j", "0",
-           "--image-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")]
+           "--image-size", "8", "--epochs", "1", "--softmax", "--output-dir", str(out)]
     insdis.main(run)  # an image folder: the monitor is off by default
     assert " * kNN" not in capsys.readouterr().out
-    assert torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1
-    with pytest.raises(SystemExit, match=r"^insdis.py: --knn-every: data folder '.*imgs' has no val/ folder"):
-        insdis.main(run + ["--knn-every", "1"])  # asked for, on a folder without val/: one line, before training
+    ckpt = (out / "checkpoint.pth.tar").read_bytes()
+    state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert state["epoch"] == 1 and state["args"]["softmax"]
+    assert float(state["state_dict"]["module.Z"]) == -1.0  # the softmax needs no normalisation constant
+    with pytest.raises(common.DataError, match=r"^data folder '.*imgs' has no val/ folder for evaluation$"):
+        insdis.main(run + ["--knn-every", "1"])  # asked for, on a folder without val/
+    assert (out / "checkpoint.pth.tar").read_bytes() == ckpt  # before training
+
+
+# -------------------------------------------------------------------------------------- errors
+def test_nce_k_must_be_smaller_than_the_bank(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        insdis.main(["--data", "synthetic:64", "--nce-k", "64", "-a", "resnet18", "-b", "32", "-j", "0",
+                     "--output-dir", str(tmp_path)])
+    assert str(err.value) == "insdis.py: --nce-k 64 must be smaller than the memory bank (64 images in 'synthetic:64')"
 
 
 def test_underscore_aliases_and_official_defaults():

@@ -1,4 +1,7 @@
-"""MoCo: InfoNCE, queue, momentum encoder, shuffling BN, split BN, end to end, errors."""
+"""MoCo: InfoNCE, queue, momentum encoder, shuffling BN, split BN, end to end (one process, resume, torchrun), the
+errors moco.py words itself (the scaffold's: tests/test_errors.py, tests/test_scaffold.py)."""
+import contextlib
+import io
 import json
 import math
 import os
@@ -12,9 +15,20 @@ import torch.nn.functional as F
 import moco
 from conftest import run_script
 
-TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--moco-k", "128", "-j", "0",
-        "--seed", "0", "-p", "4"]
+# the short run of moco.py (tests/test_preemption.py, test_scaffold.py): 256 images of 16 px, global batch 32, 8 steps
+TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--moco-k", "128", "--moco-dim", "16",
+        "--image-size", "16", "-j", "0", "--seed", "0", "-p", "4"]
 TINY += ["--stem", "imagenet", "--knn-every", "0"]  # the CIFAR stem and the monitor: test_monitor.py
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_module():
+    """Two cores shared with other jobs: one intra-op thread, also for the module's shared runs (conftest.one_thread
+    is per test, set up after a module fixture)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class TinyNet(nn.Module):
@@ -63,6 +77,13 @@ def test_infonce_is_small_when_the_positive_dominates():
 
 
 # --------------------------------------------------------------------------------------- queue
+def test_the_initial_queue_is_random_unit_keys_the_same_on_every_rank():
+    a, b = tiny_moco(K=16, seed=0), tiny_moco(K=16, seed=1)  # the global seed differs, as between ranks
+    torch.testing.assert_close(a.queue.norm(dim=0), torch.ones(16))  # each column a key of unit length
+    assert torch.equal(a.queue, b.queue) and int(a.queue_ptr) == 0  # a fixed generator
+    assert a.queue.std(1).min() > 0.1  # random, not one key repeated
+
+
 def test_queue_is_fifo_and_the_pointer_wraps():
     model = tiny_moco(K=6)
     batches = [F.normalize(torch.randn(4, 8), dim=1) for _ in range(3)]
@@ -81,7 +102,7 @@ def test_queue_is_fifo_and_the_pointer_wraps():
 
 def _queue_step_worker(rank, world_size, out_dir):
     model = tiny_moco(K=16)
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)  # as moco.py: no buffer broadcast
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(100 + rank)  # each rank has its own images
     im_q, im_k = torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6)
@@ -227,117 +248,102 @@ def test_split_bn_with_one_split_is_plain_batchnorm():
 
 
 # ---------------------------------------------------------------------------------- end to end
-def test_the_command_line_trains_a_tiny_run_end_to_end(tmp_path, one_thread):
-    """The fast tier's end-to-end run (README: Tests): `python moco.py` at the smallest settings (16
-    images, batch 8, 8 px) parses, trains two steps, runs the kNN monitor, checkpoints and logs.
-    One intra-op thread: on 2 shared cores two threads made this run 30 s instead of 11 s."""
-    proc = run_script("moco.py", "--data", "synthetic:16", "-a", "resnet18", "-b", "8", "--image-size", "8",
-                      "--moco-k", "16", "--moco-dim", "8", "--epochs", "1", "-j", "0", "-p", "1", "--seed", "0",
-                      "--knn-every", "1", "--output-dir", tmp_path)
+# TINY at 64 images: 2 steps an epoch, every v2 option, split BN and the queue filled with keys at the start (K = 64:
+# the two batches of the data), never on resume
+RUN = TINY + ["--data", "synthetic:64", "--moco-k", "64", "--bn-splits", "2", "--mlp", "--aug-plus", "--cos",
+              "--queue-init", "keys"]
+
+
+def load(folder):
+    return torch.load(folder / "checkpoint.pth.tar", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """One epoch of RUN in this process (a failure raises SystemExit here): the folder and what it printed. The first
+    half of the resumed run below, and the reference of the loader-workers run; made once."""
+    out = tmp_path_factory.mktemp("moco_one_epoch")
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        moco.main(RUN + ["--epochs", "1", "--output-dir", str(out)])
+    return out, stdout.getvalue()
+
+
+@pytest.mark.slow
+def test_one_process_run_checkpoints_and_its_resume_reproduces_the_uninterrupted_run(one_epoch, tmp_path, capsys):
+    out, stdout = one_epoch
+    assert "=> creating model 'resnet18'" in stdout and "Epoch: [0][1/2]" in stdout and "Acc@1" in stdout
+    ckpt = load(out)
+    assert (ckpt["method"], ckpt["arch"], ckpt["epoch"], ckpt["step"]) == ("moco", "resnet18", 1, 0)
+    keys = list(ckpt["state_dict"])
+    assert all(k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue")) for k in keys)
+    assert "module.queue_ptr" in keys and "module.encoder_q.fc.0.weight" in keys  # --mlp
+    assert ckpt["state_dict"]["module.queue"].shape == (16, 64)
+    split, straight = tmp_path / "split", tmp_path / "straight"
+    shutil.copytree(out, split)
+    moco.main(RUN + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
+    resumed = capsys.readouterr().out
+    assert f"=> loaded checkpoint '{split / 'checkpoint.pth.tar'}' (epoch 1)" in resumed
+    assert "Epoch: [1][0/2]" in resumed and "Epoch: [0]" not in resumed
+    moco.main(RUN + ["--epochs", "2", "--output-dir", str(straight)])
+    a, b = load(straight), load(split)
+    assert a["epoch"] == b["epoch"] == 2 and a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:  # weights, key encoder, queue and pointer, split-BN statistics
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key in a["optimizer"]["state"]:
+        assert torch.equal(a["optimizer"]["state"][key]["momentum_buffer"],
+                           b["optimizer"]["state"][key]["momentum_buffer"])
+    assert [json.loads(line)["epoch"] for line in (split / "log.txt").read_text().splitlines()] == [0, 1]
+
+
+@pytest.mark.slow
+def test_two_loader_workers_train_exactly_as_the_main_process(one_epoch, tmp_path):
+    """Views are seeded per sample (common.SeededViews), so who loads a sample cannot change the run (nor the
+    queue --queue-init keys fills from the loader)."""
+    argv = RUN + ["--epochs", "1", "--output-dir", str(tmp_path)]
+    argv[argv.index("-j") + 1] = "2"
+    with contextlib.redirect_stdout(io.StringIO()):
+        moco.main(argv)
+    runs = [load(folder)["state_dict"] for folder in (one_epoch[0], tmp_path)]  # -j 0, -j 2
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_two_ranks_with_torchrun_end_to_end(tmp_path):
+    """The real command line under torchrun at the smallest settings (32 images of 8 px, global batch 16: 2 steps of
+    8 images a rank): it parses, trains, runs the kNN monitor over both ranks, checkpoints and logs; only rank 0
+    prints. Every enqueue writes the keys of the global batch: after 2 steps the pointer is at 2 × 16, the queue's
+    first 32 columns are keys, the last 16 still the initial random ones."""
+    proc = run_script("moco.py", "--data", "synthetic:32", "-a", "resnet18", "-b", "16", "--image-size", "8",
+                      "--moco-k", "48", "--moco-dim", "8", "--epochs", "1", "-j", "0", "-p", "1", "--seed", "0",
+                      "--knn-every", "1", "--output-dir", tmp_path, nproc=2, timeout=90, env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "=> creating model 'resnet18'" in proc.stdout and "Epoch: [0/1][1/2]" in proc.stdout
-    assert " * kNN Acc@1 " in proc.stdout
-    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["method"] == "moco" and ckpt["epoch"] == 1 and ckpt["step"] == 0
-    assert "module.queue" in ckpt["state_dict"] and ckpt["args"]["stem"] == "cifar"  # auto: 8 px <= 32
+    assert proc.stdout.count("=> creating model 'resnet18'") == 1
+    assert proc.stdout.count("Epoch: [0][0/2]") == 1 and proc.stdout.count("Epoch: [0][1/2]") == 1
+    assert proc.stdout.count(" * kNN Acc@1 ") == 1
+    done = f"=> done: epoch 1 of 1; checkpoint '{tmp_path / 'checkpoint.pth.tar'}'"
+    assert proc.stdout.strip().splitlines()[-1] == done
+    ckpt = load(tmp_path)
+    assert (ckpt["method"], ckpt["epoch"], ckpt["step"], ckpt["args"]["batch_size"]) == ("moco", 1, 0, 16)
+    assert ckpt["args"]["stem"] == "cifar"  # auto: 8 px <= 32
+    queue, initial = ckpt["state_dict"]["module.queue"], moco.MoCo(TinyNet, 8, 48).queue  # a fixed generator
+    assert int(ckpt["state_dict"]["module.queue_ptr"]) == 32
+    assert torch.equal(queue[:, 32:], initial[:, 32:]) and (queue[:, :32] != initial[:, :32]).any(0).all()
+    torch.testing.assert_close(queue.norm(dim=0), torch.ones(48))  # unit keys
     log = json.loads((tmp_path / "log.txt").read_text())
     assert log["epoch"] == 0 and math.isfinite(log["loss"]) and 0 <= log["knn_acc1"] <= 100
 
 
-@pytest.mark.slow
-def test_one_process_run_checkpoint_and_resume(tmp_path, capsys):
-    """In this process (moco.py's command line: the fast tier's run above and torchrun's below); a failure
-    raises SystemExit here."""
-    moco.main(TINY + ["--epochs", "1", "--bn-splits", "2", "--mlp", "--aug-plus", "--cos", "--output-dir", str(tmp_path)])
-    stdout = capsys.readouterr().out
-    assert "=> creating model 'resnet18'" in stdout and "Acc@1" in stdout
-    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["method"] == "moco" and ckpt["epoch"] == 1 and ckpt["arch"] == "resnet18"
-    keys = list(ckpt["state_dict"])
-    assert all(k.startswith(("module.encoder_q.", "module.encoder_k.", "module.queue")) for k in keys)
-    assert "module.queue" in keys and "module.queue_ptr" in keys and "module.encoder_q.fc.0.weight" in keys
-    moco.main(TINY + ["--epochs", "2", "--bn-splits", "2", "--mlp", "--aug-plus", "--cos", "--output-dir", str(tmp_path),
-                      "--resume", "auto"])
-    stdout = capsys.readouterr().out
-    assert "(epoch 1)" in stdout and "Epoch: [1/2]" in stdout and "Epoch: [0/2]" not in stdout
-    assert torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
-
-
-@pytest.mark.slow
-def test_two_process_run_with_torchrun(tmp_path):
-    proc = run_script("moco.py", *TINY, "--epochs", "1", "--output-dir", tmp_path, nproc=2)
-    assert proc.returncode == 0, proc.stderr
-    ckpt = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["args"]["batch_size"] == 32
-    # 256 images, global batch 32: 8 steps of 16 images per rank; only rank 0 prints
-    assert proc.stdout.count("Epoch: [0/1][0/8]") == 1
-
-
-KEYS_QUEUE = TINY + ["--bn-splits", "2", "--queue-init", "keys"]  # the queue is filled at the start, never on resume
-
-
-@pytest.fixture(scope="module")
-def keys_queue_one_epoch(tmp_path_factory):
-    """One epoch of KEYS_QUEUE in the main process (-j 0): the first half of the resumed run below, and the
-    reference of the loader-workers run; made once."""
-    out = tmp_path_factory.mktemp("moco_keys_queue")
-    moco.main(KEYS_QUEUE + ["--epochs", "1", "--output-dir", str(out)])
-    return out
-
-
-@pytest.mark.slow
-def test_resume_at_an_epoch_boundary_reproduces_the_uninterrupted_run(keys_queue_one_epoch, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    moco.main(KEYS_QUEUE + ["--epochs", "2", "--output-dir", str(straight)])
-    shutil.copytree(keys_queue_one_epoch, split)
-    moco.main(KEYS_QUEUE + ["--epochs", "2", "--output-dir", str(split), "--resume", "auto"])
-    a, b = (torch.load(d / "checkpoint.pth.tar", weights_only=True) for d in (straight, split))
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:  # weights, key encoder, queue and pointer, BN statistics
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-
-
-
-@pytest.mark.slow
-def test_two_loader_workers_train_exactly_as_the_main_process(keys_queue_one_epoch, tmp_path):
-    """Views are seeded per sample (common.SeededViews), so who loads a sample cannot change the run (nor the
-    queue --queue-init keys fills from the loader)."""
-    argv = KEYS_QUEUE + ["--epochs", "1", "--output-dir", str(tmp_path)]
-    argv[argv.index("-j") + 1] = "2"
-    moco.main(argv)
-    runs = [torch.load(folder / "checkpoint.pth.tar", weights_only=True)["state_dict"]
-            for folder in (keys_queue_one_epoch, tmp_path)]  # -j 0, -j 2
-    for key in runs[0]:
-        assert torch.equal(runs[0][key], runs[1][key]), key
-
 # -------------------------------------------------------------------------------------- errors
-def make_image_folder(root, n_per_class=4):
-    from PIL import Image
-    for c in ("a", "b"):
-        os.makedirs(root / c, exist_ok=True)
-        for i in range(n_per_class):
-            Image.new("RGB", (40, 40), (i * 40, 100, 200)).save(root / c / f"{i}.jpg")
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "/no/such/folder"], "data folder '/no/such/folder' does not exist"),
-    (["--data", "synthetic:256", "--moco-k", "100"], "--moco-k 100 is not a multiple of the global batch 32"),
-    (["--data", "synthetic:256", "--resume", "/no/such.pth.tar"], "--resume: no checkpoint at '/no/such.pth.tar'"),
-    (["--data", "synthetic:16"], "'synthetic:16' has 16 images, fewer than the global batch 32"),
-    (["--data", "synthetic:256", "--bn-splits", "3"], "per-process batch 32 does not divide into --bn-splits 3"),
+@pytest.mark.parametrize("flags, message", [
+    (["--moco-k", "100"], "--moco-k 100 is not a multiple of the global batch 32"),
+    (["--bn-splits", "3"], "-b 32 leaves 32 image per process, fewer than BatchNorm needs (2) in each of --bn-splits 3 "
+                           "equal sub-batches"),
+    (["--bn-splits", "32"], "-b 32 leaves 32 image per process, fewer than BatchNorm needs (2) in each of --bn-splits "
+                            "32 equal sub-batches"),
 ])
-def test_start_up_errors(argv, message, tmp_path):
-    defaults = ["-a", "resnet18", "-b", "32", "-j", "0", "--output-dir", str(tmp_path)]
+def test_moco_start_up_errors(flags, message, tmp_path):
     with pytest.raises(SystemExit) as err:
-        moco.main(argv + defaults + ([] if "--moco-k" in argv else ["--moco-k", "128"]))
+        moco.main(TINY + flags + ["--output-dir", str(tmp_path)])
     assert str(err.value) == f"moco.py: {message}"
-
-
-@pytest.mark.slow
-def test_an_image_folder_trains(tmp_path):
-    make_image_folder(tmp_path / "imgs" / "train")
-    moco.main(["--data", str(tmp_path / "imgs"), "-a", "resnet18", "-b", "4", "--moco-k", "8", "-j", "0",
-               "--image-size", "32", "--epochs", "1", "--output-dir", str(tmp_path / "out")])
-    assert torch.load(tmp_path / "out" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1

@@ -1,5 +1,6 @@
 """The CIFAR stem and the online kNN monitor, parametrized over the six pre-training scripts."""
 import inspect
+import json
 import random
 from functools import partial
 
@@ -26,13 +27,21 @@ BUILD = {  # the script's model with a tiny head: base_encoder -> model
     "insdis": lambda base: insdis.InsDis(base, 64, 16, 8),
     "cmc": lambda base: cmc.CMC(base, 64, 16, 8),
 }
-FLAGS = {"moco": ["--moco-k", "64"], "simclr": [], "byol": ["--dim", "16", "--hidden-dim", "32"],
-         "simsiam": ["--dim", "32", "--pred-dim", "16"], "insdis": ["--nce-k", "16"], "cmc": ["--nce-k", "16"]}
-# 32 train / 10 val images of 16 px: the auto stem is the CIFAR one
-RUN = ["--data", "synthetic:32", "-a", "resnet18", "-b", "16", "--image-size", "16", "-j", "0", "-p", "100"]
-SCAFFOLD = ["resnet", "pooled", "knn_loaders", "knn_monitor"]
+FLAGS = {"moco": ["--moco-k", "16", "--moco-dim", "8"], "simclr": ["--proj-out-dim", "8"],
+         "byol": ["--dim", "8", "--hidden-dim", "16"], "simsiam": ["--dim", "16", "--pred-dim", "8"],
+         "insdis": ["--nce-k", "4", "--feat-dim", "8"], "cmc": ["--nce-k", "4", "--feat-dim", "8"]}
+# 8 train / 10 val images of 8 px, one step an epoch: the auto stem is the CIFAR one
+DATA = ["--data", "synthetic:8", "--image-size", "8", "-j", "0", "-b", "8"]
+RUN = DATA + ["-a", "resnet18", "-p", "100"]
 each_script = pytest.mark.parametrize("name", list(MODULES), ids=list(MODULES))
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def features(name, model, x):
+    """What each script hands the monitor: the pooled backbone (CMC: both encoders', concatenated)."""
+    if name == "cmc":
+        return cmc.backbone_features(model, x)
+    return MODULES[name].pooled(model.encoder_q if name == "moco" else model.encoder, x)
 
 
 @each_script
@@ -53,14 +62,14 @@ def test_both_stems_build_with_the_right_shapes(name):
         layer4 = []
         encoders[0].layer4.register_forward_hook(lambda m, i, out: layer4.append(out.shape[-1]))
         with torch.no_grad():
-            assert module.backbone_features(model, x).shape == (2, width)
+            assert features(name, model, x).shape == (2, width)
         assert layer4 == [layer4_side]  # 32 px: 4×4 with the CIFAR stem, 1×1 with torchvision's
     if name == "cmc":
         assert [model.encoder_l.conv1.in_channels, model.encoder_ab.conv1.in_channels] == [1, 2]
 
 
-def test_the_scaffold_of_stem_and_monitor_is_one_text_in_every_script():
-    for fn in SCAFFOLD:
+def test_resnet_and_pooled_are_one_text_in_the_six_training_scripts():
+    for fn in ("resnet", "pooled"):
         sources = {name: inspect.getsource(getattr(m, fn)) for name, m in MODULES.items()}
         assert len(set(sources.values())) == 1, fn
 
@@ -73,7 +82,6 @@ def train(name, tmp_path, *flags):
 
 
 def log_lines(path):
-    import json
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -87,18 +95,15 @@ def test_monitor_leaves_training_unchanged_and_equals_linear_eval_knn(name, tmp_
         assert torch.equal(value, off["state_dict"][key]), key
     monitored = [line["knn_acc1"] for line in log_lines(tmp_path / "on" / "log.txt")]
     assert len(monitored) == 2 and "knn_acc1" not in (tmp_path / "off" / "log.txt").read_text()
-    assert f" * kNN Acc@1 {monitored[-1]:.2f} (epoch 1" in capsys.readouterr().out
+    assert f" * kNN Acc@1 {monitored[-1]:.2f} (epoch 1, backbone, k=200, T=0.07)" in capsys.readouterr().out
 
-    ckpt = str(tmp_path / "on" / "checkpoint.pth.tar")
-    evaluate = ["--data", "synthetic:32", "--image-size", "16", "-j", "0", "-b", "16", "--pretrained", ckpt]
-    knn = linear_eval.main(evaluate + ["--knn"])
+    evaluate = DATA + ["--pretrained", str(tmp_path / "on" / "checkpoint.pth.tar")]
+    knn = linear_eval.main(evaluate + ["--knn", "--output-dir", str(tmp_path / "eval")])
     assert knn["knn_acc1"] == pytest.approx(monitored[-1], abs=1e-4)
-    probe = linear_eval.main(evaluate + ["--epochs", "1", "--lr", "0.1", "--output-dir", str(tmp_path / "probe")])
-    assert 0 <= probe["acc1"] <= 100
     assert "cifar stem" in capsys.readouterr().out
     if name == "cmc":
         return  # two encoders: --export refuses (tested in test_cmc)
-    linear_eval.main(evaluate + ["--export", str(tmp_path / "r18.pth")])
+    linear_eval.main(evaluate + ["--export", str(tmp_path / "r18.pth"), "--output-dir", str(tmp_path / "eval")])
     assert "conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = nn.Identity()" in capsys.readouterr().out
     net = torchvision.models.resnet18()
     net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
@@ -110,30 +115,69 @@ def test_linear_eval_reads_the_stem_of_a_foreign_checkpoint_from_conv1(tmp_path,
     net = torchvision.models.resnet18()
     net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     torch.save(net.state_dict(), tmp_path / "plain.pth")
-    backbone, _ = linear_eval.load_backbone(str(tmp_path / "plain.pth"), "resnet18", True)
+    backbone, _ = linear_eval.load_backbone(str(tmp_path / "plain.pth"), "resnet18", "auto")
     assert backbone.stem == "cifar" and isinstance(backbone.encoder.maxpool, nn.Identity)
     with pytest.raises(SystemExit, match=r"has the cifar stem \(conv1 \(64, 3, 3, 3\)\), not --stem imagenet"):
-        linear_eval.load_backbone(str(tmp_path / "plain.pth"), "resnet18", True, "imagenet")
+        linear_eval.load_backbone(str(tmp_path / "plain.pth"), "resnet18", "imagenet")
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pth")
-    assert linear_eval.load_backbone(str(tmp_path / "tv.pth"), "resnet18", True)[0].stem == "imagenet"
+    assert linear_eval.load_backbone(str(tmp_path / "tv.pth"), "resnet18", "auto")[0].stem == "imagenet"
     assert linear_eval.Backbone("resnet18", "Lab", "cifar").encoder_l.conv1.weight.shape == (64, 1, 3, 3)
+
+
+# 55 train / 11 val images: on two ranks each split ends with a padding duplicate of the sampler
+MONITOR = ["--data", "synthetic:55", "-b", "8", "--image-size", "16", "-j", "0", "--epochs", "3", "--knn-every", "2"]
 
 
 def _monitor_on_ranks(rank, world_size, out_dir):
     torch.manual_seed(0)  # the same weights on every rank
-    args = simclr.parse_args(["--data", "synthetic:40", "-b", "8", "--image-size", "16", "-j", "0"])
+    args = simclr.parse_args(MONITOR)
     model = simclr.SimCLR(partial(simclr.resnet, "resnet18", args.stem), 16)
-    loaders = simclr.knn_loaders(args, rank, world_size)  # 8 val images: 4 per rank, then padding
-    value = simclr.knn_monitor(model, loaders, torch.device("cpu"), args)
-    (out_dir / f"rank{rank}_of{world_size}").write_text(repr(value))
+    loaders = common.knn_loaders(args, rank, world_size)
+    lines = []
+    value = common.knn_monitor(model, partial(simclr.pooled, model.encoder), loaders, torch.device("cpu"),
+                               simclr.concat_all_gather, args, 1, lines.append)  # epoch 1: (1 + 1) % 2 == 0
+    (out_dir / f"rank{rank}_of{world_size}").write_text(json.dumps({**value, "lines": lines}))
 
 
 @pytest.mark.slow
 @pytest.mark.gloo_worker(worker=_monitor_on_ranks)
 def test_two_ranks_gather_their_shards_and_print_the_same_number_as_one(gloo_dir, tmp_path):
     _monitor_on_ranks(0, 1, tmp_path)
-    values = {p.name: float(p.read_text()) for folder in (tmp_path, gloo_dir) for p in folder.iterdir()}
-    assert values["rank0_of2"] == values["rank1_of2"] == pytest.approx(values["rank0_of1"], abs=1e-4)
+    values = {p.name: json.loads(p.read_text()) for folder in (tmp_path, gloo_dir) for p in folder.iterdir()}
+    one = values["rank0_of1"]
+    assert set(one) == {"knn_acc1", "lines"} and one["lines"] == [
+        f" * kNN Acc@1 {one['knn_acc1']:.2f} (epoch 1, backbone, k=200, T=0.07)"]
+    assert values["rank0_of2"]["knn_acc1"] == values["rank1_of2"]["knn_acc1"] == pytest.approx(one["knn_acc1"],
+                                                                                               abs=1e-4)
+
+
+def test_monitor_runs_every_knn_every_epochs_and_after_the_last_in_eval_mode_drawing_nothing():
+    torch.manual_seed(0)
+    args = simclr.parse_args(MONITOR)
+    assert simclr.parse_args(["--data", "synthetic"]).knn_every == 1  # built-in data: on by default
+    assert simclr.parse_args(["--data", "/images"]).knn_every == 0  # an image folder's labels may be placeholders
+    model = simclr.SimCLR(partial(simclr.resnet, "resnet18", args.stem), 16).train()
+    seen = []
+
+    def embed(x):  # records the mode the backbone is evaluated in
+        seen.append(model.training)
+        return simclr.pooled(model.encoder, x)
+
+    images = torch.rand(6, 3, 16, 16)
+    loader = [(images, torch.tensor([0, 1, 0, 1, 0, 1]), torch.arange(6))]
+
+    class Loader(list):
+        dataset = range(6)
+
+    loaders = [Loader(loader), Loader(loader)]
+    state, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    due = {epoch: common.knn_monitor(model, embed, loaders, torch.device("cpu"), simclr.concat_all_gather, args,
+                                     epoch, lambda line: None) for epoch in range(3)}
+    assert due[0] == {} and set(due[1]) == set(due[2]) == {"knn_acc1"}  # every 2nd epoch, and the last (3 of 3)
+    assert seen and not any(seen) and model.training  # eval mode while it embeds, train mode after
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # BN statistics too
+    assert common.knn_monitor(model, embed, None, torch.device("cpu"), None, args, 2) == {}  # --knn-every 0
 
 
 def test_knn_accuracy_votes_by_weighted_neighbours():
@@ -149,11 +193,11 @@ def test_knn_accuracy_votes_by_weighted_neighbours():
 
 
 @each_script
-@pytest.mark.parametrize("flag, value", [("--knn-every", "-1"), ("--knn-k", "0"), ("--knn-t", "0")])
-def test_bad_monitor_flags_are_one_line_errors(name, flag, value, capsys):
+def test_bad_monitor_flags_are_one_line_errors(name, capsys):
     with pytest.raises(SystemExit) as err:
-        MODULES[name].parse_args(["--data", "synthetic", flag, value])
+        MODULES[name].parse_args(["--data", "synthetic", "--knn-every", "-1"])
     assert err.value.code == 2
-    assert "error: the kNN monitor needs --knn-every >= 0, --knn-k >= 1 and --knn-t > 0" in capsys.readouterr().err
+    assert "error: argument --knn-every: must be in [0, inf] (got -1)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --stem takes only its three choices
         MODULES[name].parse_args(["--data", "synthetic", "--stem", "tiny"])
+    assert "argument --stem: invalid choice: 'tiny'" in capsys.readouterr().err

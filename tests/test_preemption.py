@@ -4,7 +4,6 @@ it bit for bit; periodic checkpoints change nothing; kill -9 while a checkpoint 
 previous one; torchrun forwards SIGTERM so both ranks stop at one step, and restarts a group whose
 rank was killed, which continues from the last checkpoint."""
 import glob
-import inspect
 import os
 import random
 import signal
@@ -16,18 +15,16 @@ import pytest
 import torch
 
 import byol
-import cmc
 import common
 import insdis
 import linear_eval
 import moco
 import simclr
-import simsiam
 import test_byol
 import test_insdis
 import test_moco
 import test_simclr
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 # Two epochs of a few 16 px steps each; each script brings the state a mid-epoch resume must carry over.
 SMALL = ["--image-size", "16"]
@@ -67,7 +64,7 @@ def run(name, out, *flags, stop_after=None):
             module.main(argv)
     finally:
         common.ProgressMeter.display = display
-    assert stopped.value.code == module.EXIT_STOPPED == 75
+    assert stopped.value.code == 75  # sysexits EX_TEMPFAIL: run it again
 
 
 def load(out):
@@ -115,10 +112,10 @@ def test_sigterm_at_a_random_step_then_resume_auto_equals_the_uninterrupted_run(
     run(name, tmp_path, "-j", workers, stop_after=g)
     assert capsys.readouterr().out.strip().endswith(f"stopped at epoch {epoch} step {step}; continue with --resume auto")
     ckpt = load(tmp_path)
-    assert (ckpt["epoch"], ckpt["step"], ckpt["world_size"], len(ckpt["rng"])) == (epoch, step, 1, 1)
+    assert (ckpt["epoch"], ckpt["step"]) == (epoch, step)
     run(name, tmp_path, "-j", workers, "--resume", "auto")
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch: [")]
-    assert progress[0].startswith(f"Epoch: [{epoch}/2][{step}/{steps}]")  # the step count continues
+    assert progress[0].startswith(f"Epoch: [{epoch}][{step}/{steps}]")  # the step count continues
     assert len(progress) == 2 * steps - (g + 1)  # and no step runs twice
     assert_same_run(load(tmp_path), reference(name))
 
@@ -128,7 +125,7 @@ def test_a_signal_in_the_last_step_stops_at_the_epoch_boundary(reference, tmp_pa
     run("byol", tmp_path, stop_after=3)  # the last of epoch 0's 4 steps: the epoch ends as usual, then the run stops
     assert capsys.readouterr().out.strip().endswith("stopped at epoch 1 step 0; continue with --resume auto")
     ckpt = load(tmp_path)
-    assert (ckpt["epoch"], ckpt["step"]) == (1, 0) and "rng" not in ckpt  # --seed reseeds every epoch
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)  # the epoch's own checkpoint, then the stop
     assert len((tmp_path / "log.txt").read_text().splitlines()) == 1
     run("byol", tmp_path, "--resume", "auto")
     assert_same_run(load(tmp_path), reference("byol"))
@@ -139,32 +136,25 @@ def test_periodic_checkpoints_change_nothing_and_land_where_asked(reference, tmp
     saved = []
     real = byol.save_checkpoint
 
-    def record(state, output_dir):
+    def record(state, path):
         saved.append((state["epoch"], state["step"]))
-        real(state, output_dir)
+        real(state, path)
 
     monkeypatch.setattr(byol, "save_checkpoint", record)
     run("byol", tmp_path / "steps", "--save-every-steps", "2")  # 4 steps an epoch
     assert saved == [(0, 2), (1, 0), (1, 2), (2, 0)]
     assert_same_run(load(tmp_path / "steps"), reference("byol"))
-    saved.clear()
-    run("byol", tmp_path / "minutes", "--save-every-minutes", "1e-9")  # due at every check: after every step
-    assert saved == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
-    assert_same_run(load(tmp_path / "minutes"), reference("byol"))
 
 
 @pytest.mark.slow
-def test_mid_epoch_resume_refuses_another_global_batch_or_world_size(tmp_path):
+def test_mid_epoch_resume_refuses_another_global_batch(tmp_path):
+    """The samples an epoch has seen are step × global batch: another -b would skip the wrong ones."""
     run("byol", tmp_path, stop_after=1)
+    before = (tmp_path / "checkpoint.pth.tar").read_bytes()
     with pytest.raises(SystemExit) as err:
         run("byol", tmp_path, "--resume", "auto", "-b", "32")
-    assert str(err.value) == ("byol.py: the checkpoint stopped mid-epoch (epoch 0 step 2) with 1 process(es) and "
-                              "global batch 16; resume it with the same, not 1 and 32")
-    ckpt = load(tmp_path)
-    ckpt["world_size"] = 2
-    torch.save(ckpt, tmp_path / "checkpoint.pth.tar")
-    with pytest.raises(SystemExit, match=r"with 2 process\(es\) and global batch 16; resume it with the same, not 1 and 16$"):
-        run("byol", tmp_path, "--resume", "auto")
+    assert str(err.value) == "byol.py: the checkpoint stopped mid-epoch with -b 16: resume it with the same"
+    assert (tmp_path / "checkpoint.pth.tar").read_bytes() == before
 
 
 KILLED_WHILE_SAVING = """
@@ -191,8 +181,8 @@ moco.main({argv!r})
 @pytest.mark.slow
 def test_kill_9_while_a_checkpoint_is_written_leaves_the_previous_one(reference, tmp_path):
     argv = RUNS["moco"][1] + EPOCHS + ["--output-dir", str(tmp_path), "--save-every-steps", "1"]
-    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING.format(root=str(ROOT), argv=argv)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    (tmp_path / "killed.py").write_text(KILLED_WHILE_SAVING.format(root=str(ROOT), argv=argv))
+    proc = run_script(tmp_path / "killed.py", timeout=90)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (tmp_path / "checkpoint.pth.tar.tmp").stat().st_size < (tmp_path / "checkpoint.pth.tar").stat().st_size
     assert (load(tmp_path)["epoch"], load(tmp_path)["step"]) == (0, 1)  # the first save, whole
@@ -217,64 +207,61 @@ def worker_pids(launcher_pid: int) -> dict:
     return pids
 
 
-def torchrun(out, *flags, launcher=(), act):
-    """torchrun, 2 processes, moco; act(line, proc) sees every stdout line. Returns (returncode, stdout, stderr)."""
+def torchrun(out, *flags, launcher=(), act, timeout=120):
+    """torchrun, 2 processes, moco; act(line, proc) sees every stdout line. Returns (returncode, stdout, stderr). In a
+    session of its own: a group still running at `timeout` seconds is killed, every rank, and the test fails."""
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *launcher,
             str(ROOT / "moco.py"), *test_moco.TINY, *SMALL, "--epochs", "1", "-p", "1", "--output-dir", str(out), *flags]
-    # a restarted group must not share torchrun's store with the killed one (README: Preemption and resume)
+    # a restarted group must not share torchrun's store with the killed one (docs/preemption.md)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-    lines, watchdog = [], threading.Timer(240, proc.kill)  # a hung group fails the test instead of the suite
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    lines, fired = [], []
+    watchdog = threading.Timer(timeout, lambda: fired.append(os.killpg(proc.pid, signal.SIGKILL)))
     watchdog.start()
     try:
         for line in proc.stdout:
             lines.append(line)
             act(line, proc)
         stderr = proc.stderr.read()
-        proc.wait(timeout=300)
+        proc.wait()
     finally:
         watchdog.cancel()
-        proc.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not fired, f"torchrun still running after {timeout} s: killed. Last output:\n{''.join(lines[-10:])}"
     return proc.returncode, "".join(lines), stderr
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
 def test_torchrun_forwards_sigterm_and_restarts_a_group_whose_rank_was_killed(tmp_path):
+    steps = 256 // 32  # test_moco.TINY: 256 images, global batch 32
+
     def terminate(line, proc):  # SIGTERM to torchrun, which forwards it to both workers
-        if line.startswith("Epoch: [0/1][1/8]"):
+        if line.startswith(f"Epoch: [0][1/{steps}]"):
             proc.send_signal(signal.SIGTERM)
 
     code, stdout, stderr = torchrun(tmp_path, act=terminate)
-    assert code != 0 and "Received 15 death signal, shutting down workers" in stderr
+    assert code != 0 and "Traceback" not in stdout
     assert stdout.count("stopped at epoch 0 step ") == 1, stdout + stderr  # one line, from rank 0
     ckpt = load(tmp_path)
     stopped = ckpt["step"]
     assert f"stopped at epoch 0 step {stopped}; continue with --resume auto" in stdout
-    assert ckpt["epoch"] == 0 and 2 <= stopped < 8 and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
-    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # each rank's own stream
+    assert ckpt["epoch"] == 0 and 2 <= stopped < steps  # both ranks stopped at the step they agreed on
 
     killed = []
 
     def kill_rank_1(line, proc):  # kill -9 one rank once the resumed group has trained a step
-        if not killed and line.startswith("Epoch: [0/1]"):
+        if not killed and line.startswith("Epoch: [0]"):
             killed.append(worker_pids(proc.pid)[1])
             os.kill(killed[0], signal.SIGKILL)
 
     code, stdout, stderr = torchrun(tmp_path, "--save-every-steps", "1", "--resume", "auto",
                                     launcher=["--max-restarts=1"], act=kill_rank_1)
     assert code == 0, stdout + stderr
-    assert f"(pid: {killed[0]})" in stderr and "exitcode: -9" in stderr  # torchrun saw the kill, then restarted
-    assert stdout.count("=> loading checkpoint") == 2  # the first start and the restarted group
+    assert killed and stdout.count("=> loaded checkpoint") == 2  # the first start and the group torchrun restarted
     progress = [line for line in stdout.splitlines() if line.startswith("Epoch: [")]
-    assert progress[0].startswith(f"Epoch: [0/1][{stopped}/8]") and progress[-1].startswith("Epoch: [0/1][7/8]")
+    assert progress[0].startswith(f"Epoch: [0][{stopped}/{steps}]")
+    assert progress[-1].startswith(f"Epoch: [0][{steps - 1}/{steps}]")
     assert (load(tmp_path)["epoch"], load(tmp_path)["step"]) == (1, 0)
-
-
-def test_the_preemption_scaffold_is_one_text_in_every_script():
-    modules = [moco, simclr, byol, simsiam, insdis, cmc, linear_eval]
-    assert len({inspect.getsource(m.Preemption) for m in modules}) == 1
-    assert {m.EXIT_STOPPED for m in modules} == {75}
-    flags = {"".join(line for line in inspect.getsource(m.parse_args).splitlines(True) if "save-every" in line
-                     or "also write" in line) for m in modules}
-    assert len(flags) == 1 and "--save-every-minutes" in flags.pop()
