@@ -1,4 +1,5 @@
 """Test helpers: import the scripts as modules, run 2-process gloo groups, run the real command lines."""
+import inspect
 import os
 import signal
 import socket
@@ -57,6 +58,14 @@ def run_distributed(fn, *args, world_size: int = 2, timeout: float = 120):
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+
+
+def ddp(model):
+    """DDP as the scripts' Run.start wraps a model: buffers not sent every step (forward_sync_buffers=False, or
+    broadcast_buffers=False before torch had that name)."""
+    sync = next(k for k in ("forward_sync_buffers", "broadcast_buffers")
+                if k in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters)
+    return torch.nn.parallel.DistributedDataParallel(model, **{sync: False})
 
 
 def _run_workers(rank: int, world_size: int, jobs):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import cmc
 import common
 import linear_eval
-from conftest import run_script
+from conftest import ddp, run_script
 
 TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "32", "--nce-k", "16", "--image-size", "8", "-j", "0",
         "--seed", "0", "-p", "2"]  # 2 steps an epoch
@@ -260,11 +260,11 @@ def test_bank_init_features_fills_each_bank_with_its_own_views_initial_feature()
 def _bank_step_worker(rank, world_size, out_dir):
     model = tiny_cmc(n_data=16, K=5, T=0.1, seed=rank)  # as a run without --seed: DDP syncs the weights,
     before = {"memory_l": model.memory_l.clone(), "memory_ab": model.memory_ab.clone()}  # but not the banks
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    wrapped = ddp(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(100 + rank)  # each rank has its own images, indices and noise draws
     x, index = torch.randn(4, 3, 12, 12), torch.arange(4) + 6 * rank  # rows 0-3 and 6-9
-    out_l, out_ab, f_l, f_ab = ddp(x, index)
+    out_l, out_ab, f_l, f_ab = wrapped(x, index)
     loss, _, _ = cmc.cmc_loss(out_l, out_ab, 16, softmax=False)
     loss.backward()
     optimizer.step()
@@ -277,7 +277,7 @@ def _bank_step_worker(rank, world_size, out_dir):
 @pytest.mark.slow
 @pytest.mark.gloo_worker(worker=_bank_step_worker)
 def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(gloo_dir):
-    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt", weights_only=True) for r in (0, 1))
     for key in ("memory_l", "memory_ab"):  # same initial banks although the ranks were seeded differently
         assert torch.equal(r0["before"][key], r1["before"][key]), key
     for key in ("memory_l", "memory_ab", "Z_l", "Z_ab"):

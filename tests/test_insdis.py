@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import common
 import insdis
 import linear_eval
-from conftest import run_script
+from conftest import ddp, run_script
 
 TINY = ["--data", "synthetic:64", "-a", "resnet18", "-b", "32", "--nce-k", "32", "--image-size", "8", "-j", "0",
         "--seed", "0", "-p", "2"]  # 2 steps an epoch (tests/test_preemption.py runs it on 96 images: 3)
@@ -180,7 +180,7 @@ def _fill_worker(rank, world_size, out_dir):
 @pytest.mark.slow
 @pytest.mark.gloo_worker(worker=_fill_worker)
 def test_bank_init_features_gives_both_ranks_the_same_bank_with_both_ranks_rows(gloo_dir):
-    r0, r1 = (torch.load(gloo_dir / f"fill{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(gloo_dir / f"fill{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["memory"], r1["memory"])
     torch.testing.assert_close(r0["memory"], torch.cat([r0["own"], r1["own"]]))
 
@@ -189,11 +189,11 @@ def _two_rank_worker(rank, world_size, out_dir):
     torch.manual_seed(100 + rank)  # different seeds: the bank must still start identical (fixed generator)
     model = insdis.InsDis(TinyNet, 16, dim=8, K=5, T=0.5, m=0.5)
     before = model.memory.clone()
-    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    wrapped = ddp(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(4, 3, 6, 6) + rank  # each rank has its own images
     index = torch.tensor([[0, 2, 4, 6], [9, 11, 13, 15]][rank])
-    out, f, v = ddp(x, index)
+    out, f, v = wrapped(x, index)
     loss, _ = insdis.insdis_loss(out, f, v, 16, softmax=False)
     optimizer.zero_grad()
     loss.backward()
@@ -206,7 +206,7 @@ def _two_rank_worker(rank, world_size, out_dir):
 @pytest.mark.slow
 @pytest.mark.gloo_worker(worker=_two_rank_worker)
 def test_two_ranks_hold_identical_banks_and_z_with_both_ranks_updates(gloo_dir):
-    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["before"], r1["before"])
     assert torch.equal(r0["memory"], r1["memory"]) and torch.equal(r0["Z"], r1["Z"])
     # Z = N·mean over both ranks of exp(s): the mean of P = exp(s)/Z over the global batch is exactly 1/N

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-from conftest import run_script
+from conftest import ddp, run_script
 
 # the short run of moco.py (tests/test_preemption.py, test_scaffold.py): 256 images of 16 px, global batch 32, 8 steps
 TINY = ["--data", "synthetic:256", "-a", "resnet18", "-b", "32", "--moco-k", "128", "--moco-dim", "16",
@@ -102,11 +102,11 @@ def test_queue_is_fifo_and_the_pointer_wraps():
 
 def _queue_step_worker(rank, world_size, out_dir):
     model = tiny_moco(K=16)
-    ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)  # as moco.py: no buffer broadcast
+    wrapped = ddp(model)  # as moco.py wraps it
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch.manual_seed(100 + rank)  # each rank has its own images
     im_q, im_k = torch.randn(4, 3, 6, 6), torch.randn(4, 3, 6, 6)
-    logits, labels, k = ddp(im_q, im_k)
+    logits, labels, k = wrapped(im_q, im_k)
     moco.infonce_loss(logits, labels).backward()
     optimizer.step()
     model._dequeue_and_enqueue(k)
@@ -116,7 +116,7 @@ def _queue_step_worker(rank, world_size, out_dir):
 @pytest.mark.slow
 @pytest.mark.gloo_worker(worker=_queue_step_worker)
 def test_queue_holds_the_gathered_global_batch_and_is_identical_on_both_ranks(gloo_dir):
-    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["queue"], r1["queue"])
     assert int(r0["ptr"]) == int(r1["ptr"]) == 8  # the global batch, not the local 4
     global_keys = torch.cat([r0["k"], r1["k"]])  # rank order
@@ -194,7 +194,7 @@ def _shuffle_worker(rank, world_size, out_dir):
 @pytest.mark.slow
 @pytest.mark.gloo_worker(worker=_shuffle_worker)
 def test_shuffle_bn_across_two_ranks(gloo_dir):
-    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt", weights_only=True) for r in (0, 1))
     for r in (r0, r1):
         assert torch.equal(r["restored"], r["x"])  # shuffle then unshuffle is the identity
     # the shuffled batches are a permutation of the global batch that mixes the ranks

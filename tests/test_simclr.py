@@ -137,7 +137,7 @@ def test_ddp_loss_and_gradients_equal_one_process_holding_the_global_batch(gloo_
     backward all-reduce of the gather produces. A gather without gradient leaves only the rank's
     own term ∂loss_rank/∂z_rank and fails both checks below."""
     W = 2  # the ranks of gloo_dir's group
-    r0, r1 = (torch.load(gloo_dir / f"{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(gloo_dir / f"{r}.pt", weights_only=True) for r in (0, 1))
     Z1, Z2, X1, X2 = (t.clone().requires_grad_() for t in global_batch())
     ref = brute_force_nt_xent(Z1, Z2, 0.5)[0]
     ref.backward()
