@@ -298,10 +298,10 @@ class SyntheticTextures(torch.utils.data.Dataset):
 
 
 class SyntheticShapes(SyntheticTextures):
-    """`--data shapes`: 8 shape classes, not textures (to check that a recipe tuned on `synthetic` holds on other data):
-    3 to 5 shapes of one class an image, each with its own size (radius 3-8 px at 32 px), rotation, position, light or
-    dark colour of any hue, on a colour gradient of random direction, behind two rectangles of any colour (occluders);
-    colour names no class. `shapes:N`: N train and N/5 val images."""
+    """`--data shapes`: 8 shape classes, to check on other data a recipe tuned on `synthetic` (docs/synthetic.md). One
+    shape an image, 19-29 px across at 32 px, upright (no augmentation rotates), at a random size and offset, light and
+    warm or dark and cool, on a vertical gradient between two random grey levels, partly behind a grey rectangle (an
+    occluder); neither colour nor position names the class. `shapes:N`: N train and N/5 val images."""
 
     classes = ["disc", "square", "triangle", "plus", "ring", "bar", "half disc", "frame"]
     num_classes = len(classes)
@@ -314,23 +314,21 @@ class SyntheticShapes(SyntheticTextures):
             return torch.rand(*shape, generator=g)
 
         yy, xx = torch.meshgrid(*[(torch.arange(s, dtype=torch.float32) + 0.5) / s] * 2, indexing="ij")  # H×W
-        angle, count = 2 * math.pi * rand(n, 1, 1), 3 + (3 * rand(n)).long()
-        ramp = ((xx - 0.5) * angle.cos() + (yy - 0.5) * angle.sin() + 0.71) / 1.42  # n×H×W in [0, 1]
-        low, high = 0.25 + 0.5 * rand(n, 1, 1, 3), 0.25 + 0.5 * rand(n, 1, 1, 3)
-        img = low + (high - low) * ramp.unsqueeze(-1)  # n×H×W×3
-        for j in range(5):
-            cx, cy, r, turn = rand(n, 1, 1), rand(n, 1, 1), 0.1 + 0.15 * rand(n, 1, 1), 2 * math.pi * rand(n, 1, 1)
-            u = ((xx - cx) * turn.cos() + (yy - cy) * turn.sin()) / r  # the shape's own frame, radius 1
-            v = ((yy - cy) * turn.cos() - (xx - cx) * turn.sin()) / r
-            d, m = (u ** 2 + v ** 2).sqrt(), torch.maximum(u.abs(), v.abs())
-            masks = torch.stack([d < 1, m < 0.8, (v > -0.5) & (1.732 * u.abs() + v < 1),
-                                 ((u.abs() < 0.3) | (v.abs() < 0.3)) & (m < 1), (d > 0.55) & (d < 1),
-                                 (u.abs() < 1) & (v.abs() < 0.3), (d < 1) & (v > 0), (m > 0.5) & (m < 0.9)], 1)
-            colour = torch.where(rand(n, 1, 1, 1) < 0.5, 0.2 * rand(n, 1, 1, 3), 0.8 + 0.2 * rand(n, 1, 1, 3))
-            img = torch.where((masks[torch.arange(n), labels] & (j < count).view(n, 1, 1)).unsqueeze(-1), colour, img)
-        for _ in range(2):  # the occluders
-            cx, cy, w, h = rand(n, 1, 1), rand(n, 1, 1), 0.05 + 0.15 * rand(n, 1, 1), 0.05 + 0.15 * rand(n, 1, 1)
-            img = torch.where((((xx - cx).abs() < w) & ((yy - cy).abs() < h)).unsqueeze(-1), rand(n, 1, 1, 3), img)
+        top, bottom = 0.3 + 0.4 * rand(n, 1, 1, 1), 0.3 + 0.4 * rand(n, 1, 1, 1)
+        img = top + (bottom - top) * yy.unsqueeze(-1)  # n×H×W×1, broadcast to 3 channels below
+        r = 0.3 + 0.15 * rand(n, 1, 1)  # radius, as a fraction of the image
+        u = (xx - 0.5 - 0.3 * (rand(n, 1, 1) - 0.5)) / r  # the shape's frame: centre 0, radius 1
+        v = (yy - 0.5 - 0.3 * (rand(n, 1, 1) - 0.5)) / r
+        d, m = (u ** 2 + v ** 2).sqrt(), torch.maximum(u.abs(), v.abs())
+        masks = torch.stack([d < 1, m < 0.8, (v > -0.5) & (1.732 * u.abs() + v < 1),
+                             ((u.abs() < 0.3) | (v.abs() < 0.3)) & (m < 1), (d > 0.55) & (d < 1),
+                             (u.abs() < 1) & (v.abs() < 0.3), (d < 1) & (v > 0), (m > 0.5) & (m < 0.9)], 1)
+        warm = torch.tensor([0.08, 0.0, -0.08])  # light parts warm, dark parts cool, so CMC's ab view sees the shape
+        light = rand(n, 1, 1, 1) < 0.5
+        colour = torch.where(light, 0.8 + 0.15 * rand(n, 1, 1, 1) + warm, 0.1 + 0.15 * rand(n, 1, 1, 1) - warm)
+        img = torch.where(masks[torch.arange(n), labels].unsqueeze(-1), colour, img)
+        cx, cy, w, h = rand(n, 1, 1), rand(n, 1, 1), 0.05 + 0.1 * rand(n, 1, 1), 0.05 + 0.1 * rand(n, 1, 1)
+        img = torch.where((((xx - cx).abs() < w) & ((yy - cy).abs() < h)).unsqueeze(-1), rand(n, 1, 1, 1), img)
         img = img + 0.03 * torch.randn(n, s, s, 3, generator=g)
         return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 

@@ -56,27 +56,30 @@ def test_gaussian_blur_draws_sigma_per_image():
 
 
 # ----------------------------------------------------------------------------------- synthetic
-def test_synthetic_is_generated_from_a_seed_labelled_and_split():
-    a, b = common.SyntheticTextures(200), common.SyntheticTextures(200)
+@pytest.mark.parametrize("cls", [common.SyntheticTextures, common.SyntheticShapes])
+def test_synthetic_is_generated_from_a_seed_labelled_and_split(cls):
+    a, b = cls(200), cls(200)
     assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
     assert a.images.shape == (200, 32, 32, 3) and a.images.dtype == torch.uint8
-    assert torch.bincount(a.targets).tolist() == [20] * 10 and len(a.classes) == 10
-    val = common.SyntheticTextures(200, split="val")
+    assert torch.bincount(a.targets).tolist() == [200 // cls.num_classes] * cls.num_classes
+    assert len(a.classes) == cls.num_classes
+    val = cls(200, split="val")
     assert not torch.equal(val.images, a.images)
     img, target = a[0]
     assert isinstance(img, Image.Image) and target == int(a.targets[0])
 
 
-def test_synthetic_class_is_not_predicted_by_colour():
+@pytest.mark.parametrize("cls", [common.SyntheticTextures, common.SyntheticShapes])
+def test_synthetic_class_is_not_predicted_by_colour(cls):
     """The nuisance (mean colour of an image) carries next to no class information: the best
-    per-class mean-colour classifier is far below what the textures allow."""
-    d = common.SyntheticTextures(2000)
+    per-class mean-colour classifier is far below what the textures or the shapes allow."""
+    d = cls(2000)
     colour = d.images.float().mean((1, 2))  # N×3
-    centroids = torch.stack([colour[d.targets == c].mean(0) for c in range(10)])
-    val = common.SyntheticTextures(1000, split="val")
+    centroids = torch.stack([colour[d.targets == c].mean(0) for c in range(cls.num_classes)])
+    val = cls(1000, split="val")
     val_colour = val.images.float().mean((1, 2))
     pred = torch.cdist(val_colour, centroids).argmin(1)
-    assert (pred == val.targets).float().mean() < 0.25  # chance is 0.10
+    assert (pred == val.targets).float().mean() < 2.5 / cls.num_classes  # chance is 1 / num_classes
 
 
 def test_synthetic_nuisances_are_only_those_the_augmentations_undo():
