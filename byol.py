@@ -5,7 +5,7 @@ An online network (encoder, projector, predictor) learns to predict the target n
 the image (Eq. 2, symmetrised in Sec. 3.1). No negatives: the target is an exponential moving average of the online
 weights (Eq. 1) and gets no gradient, and the predictor makes the two asymmetric, which keeps the representation from
 collapsing. LARS, large batches, global BN and asymmetric augmentations (Table 6) as in Sec. 3.3.
-    python byol.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 \
+    python byol.py --data synthetic:2500 -a resnet18 -b 64 --epochs 12 --stem imagenet -j 2 --seed 0 \
         --warmup-epochs 1 --tau-base 0.99 --lr 8 --zero-init-basic  # CPU
     torchrun --nproc_per_node=8 byol.py --data /imagenet [--epochs 1000]  # -b 4096 (global), 300 epochs [Table 1]
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 byol.py --data /imagenet

@@ -6,7 +6,7 @@ The keys come from a momentum copy of the encoder (Eq. 2), so the queue stays co
 (Sec. 3.3) keeps the model from cheating through batch statistics. v2: an MLP head, blur, a cosine schedule, τ = 0.2.
 
     python moco.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 \
-        --moco-k 512 --moco-m 0.99 --mlp --moco-t 0.2 --aug-plus --cos --bn-splits 2 --lr 0.06 --queue-init keys  # CPU
+        --moco-k 512 --moco-m 0.99 --mlp --moco-t 0.2 --aug-plus --cos --bn-splits 2 --queue-init keys  # CPU
     torchrun --nproc_per_node=8 moco.py --data /imagenet [--mlp --moco-t 0.2 --aug-plus --cos]  # -b: global batch
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 moco.py --data /imagenet
 Usage, implementation details against the official code, results: docs/moco.md."""
