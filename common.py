@@ -7,7 +7,6 @@ the multi-view transform, the blur of MoCo v2, CMC's colour spaces, and the buil
 """
 import datetime
 import itertools
-import math
 import os
 import random
 
