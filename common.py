@@ -298,9 +298,10 @@ class SyntheticTextures(torch.utils.data.Dataset):
 
 class SyntheticShapes(SyntheticTextures):
     """`--data shapes`: 8 shape classes, to check on other data a recipe tuned on `synthetic` (docs/synthetic.md). One
-    shape an image, 19-29 px across at 32 px, upright (no augmentation rotates), at a random size and offset, light and
-    warm or dark and cool, on a vertical gradient between two random grey levels, partly behind a grey rectangle (an
-    occluder); neither colour nor position names the class. `shapes:N`: N train and N/5 val images."""
+    shape an image, 19-29 px across at 32 px, upright (no augmentation rotates), at a random size and offset, in a
+    random colour: light on a darkened or dark on a lightened vertical gradient between two random colours, partly
+    behind a grey rectangle (an occluder). Colour names neither the class nor, after colour jitter, the image.
+    `shapes:N`: N train and N/5 val images."""
 
     classes = ["disc", "square", "triangle", "plus", "ring", "bar", "half disc", "frame"]
     num_classes = len(classes)
@@ -313,8 +314,9 @@ class SyntheticShapes(SyntheticTextures):
             return torch.rand(*shape, generator=g)
 
         yy, xx = torch.meshgrid(*[(torch.arange(s, dtype=torch.float32) + 0.5) / s] * 2, indexing="ij")  # H×W
-        top, bottom = 0.3 + 0.4 * rand(n, 1, 1, 1), 0.3 + 0.4 * rand(n, 1, 1, 1)
-        img = top + (bottom - top) * yy.unsqueeze(-1)  # n×H×W×1, broadcast to 3 channels below
+        light = rand(n, 1, 1, 1) < 0.5  # a light shape on a darkened background, or a dark one on a lightened
+        top, bottom = rand(n, 1, 1, 3), rand(n, 1, 1, 3)  # two colours of any hue
+        img = 0.5 * (top + (bottom - top) * yy.unsqueeze(-1)) + torch.where(light, 0.0, 0.5)  # n×H×W×3
         r = 0.3 + 0.15 * rand(n, 1, 1)  # radius, as a fraction of the image
         u = (xx - 0.5 - 0.3 * (rand(n, 1, 1) - 0.5)) / r  # the shape's frame: centre 0, radius 1
         v = (yy - 0.5 - 0.3 * (rand(n, 1, 1) - 0.5)) / r
@@ -322,12 +324,11 @@ class SyntheticShapes(SyntheticTextures):
         masks = torch.stack([d < 1, m < 0.8, (v > -0.5) & (1.732 * u.abs() + v < 1),
                              ((u.abs() < 0.3) | (v.abs() < 0.3)) & (m < 1), (d > 0.55) & (d < 1),
                              (u.abs() < 1) & (v.abs() < 0.3), (d < 1) & (v > 0), (m > 0.5) & (m < 0.9)], 1)
-        warm = torch.tensor([0.08, 0.0, -0.08])  # light parts warm, dark parts cool, so CMC's ab view sees the shape
-        light = rand(n, 1, 1, 1) < 0.5
-        colour = torch.where(light, 0.8 + 0.15 * rand(n, 1, 1, 1) + warm, 0.1 + 0.15 * rand(n, 1, 1, 1) - warm)
+        colour = 0.4 * rand(n, 1, 1, 3) + torch.where(light, 0.6, 0.0)
         img = torch.where(masks[torch.arange(n), labels].unsqueeze(-1), colour, img)
         cx, cy, w, h = rand(n, 1, 1), rand(n, 1, 1), 0.05 + 0.1 * rand(n, 1, 1), 0.05 + 0.1 * rand(n, 1, 1)
-        img = torch.where((((xx - cx).abs() < w) & ((yy - cy).abs() < h)).unsqueeze(-1), rand(n, 1, 1, 1), img)
+        img = torch.where((((xx - cx).abs() < w) & ((yy - cy).abs() < h)).unsqueeze(-1), 0.45 + 0.1 * rand(n, 1, 1, 1),
+                          img)
         img = img + 0.03 * torch.randn(n, s, s, 3, generator=g)
         return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
