@@ -300,8 +300,8 @@ class SyntheticShapes(SyntheticTextures):
     """`--data shapes`: 8 shape classes, to check on other data a recipe tuned on `synthetic` (docs/synthetic.md). One
     shape an image, 19-29 px across at 32 px, upright (no augmentation rotates), at a random size and offset, in a
     random colour: light on a darkened or dark on a lightened vertical gradient between two random colours, partly
-    behind a grey rectangle (an occluder). Colour names neither the class nor, after colour jitter, the image.
-    `shapes:N`: N train and N/5 val images."""
+    behind a grey rectangle (an occluder). Colour names no class, but marks the image: colour jitter re-draws its hue
+    only in part (docs/results.md). `shapes:N`: N train and N/5 val images."""
 
     classes = ["disc", "square", "triangle", "plus", "ring", "bar", "half disc", "frame"]
     num_classes = len(classes)
