@@ -223,11 +223,11 @@ def adjust_learning_rate(optimizer, epoch: float, args):
 
 
 def number(cast, low=0, high=math.inf, open_low=False):  # argparse type=: out of range is one line naming the flag
-    def parse(text: str):
+    def numeric(text: str):  # its name is in argparse's "invalid numeric value"
         if not low <= cast(text) <= high or (open_low and cast(text) == low):
             raise argparse.ArgumentTypeError(f"must be in {'(' if open_low else '['}{low}, {high}] (got {text})")
         return cast(text)
-    return parse
+    return numeric
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -120,7 +120,7 @@ FLAG_CASES = [(name, "-b", "0", "argument -b/--batch-size: must be in [1, inf] (
     ("moco", "--moco-t", "0", "argument --moco-t: must be in (0, inf] (got 0)"),
     ("moco", "--momentum", "1.5", "argument --momentum: must be in [0, 1] (got 1.5)"),
     ("moco", "-j", "-1", "argument -j/--workers: must be in [0, inf] (got -1)"),
-    ("moco", "-b", "x", "argument -b/--batch-size: invalid parse value: 'x'"),
+    ("moco", "-b", "x", "argument -b/--batch-size: invalid numeric value: 'x'"),
     ("moco", "-a", "vit_b_16", "argument -a/--arch: invalid choice: 'vit_b_16'"),
     ("simclr", "--color-jitter-strength", "3", "argument --color-jitter-strength: must be in [0, 2.5] (got 3)"),
     ("byol", "--tau-base", "1.5", "argument --tau-base/--base-target-ema: must be in [0, 1] (got 1.5)"),
