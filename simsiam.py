@@ -5,7 +5,7 @@ view's z to the other's, minimising the negative cosine D (Eq. 1), symmetrised (
 encoder, no large batch: the stop-gradient on z (Eq. 3-4) alone keeps the outputs from collapsing to a constant
 (Sec. 4.1, Fig. 2), which the logged std of the L2-normalised z watches. SGD, cosine schedule, MoCo v2 augmentation.
 
-    python simsiam.py --data synthetic:2500 -a resnet18 -b 64 --epochs 12 --stem imagenet -j 2 --seed 0 \
+    python simsiam.py --data synthetic:2500 -a resnet18 -b 64 --epochs 24 --stem imagenet -j 2 --seed 0 \
         --fix-pred-lr --lr 1 --wd 5e-4  # CPU
     torchrun --nproc_per_node=8 simsiam.py --data /imagenet [--fix-pred-lr]  # -b: global batch, lr × -b/256
     torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 simsiam.py --data /imagenet
