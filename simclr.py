@@ -5,7 +5,7 @@ Two augmentations of every image go through one encoder f and a small MLP head g
 of the 2N views pick its partner among the other 2N−1 views of the batch: the negatives are the batch itself, so large
 batches with LARS and global BN (Sec. 2.2) and strong colour distortion plus crops (Sec. 3, App. A) make it work. Under
 DDP the views of all processes are gathered with their gradient: one loss over the global batch.
-    python simclr.py --data synthetic:2500 -a resnet18 -b 64 --epochs 6 --stem imagenet -j 2 --seed 0 \
+    python simclr.py --data synthetic:2500 -a resnet18 -b 64 --epochs 12 --stem imagenet -j 2 --seed 0 \
         --temperature 0.5 --warmup-epochs 1 --lr-scaling sqrt --lr 0.125  # CPU
     torchrun --nproc_per_node=8 simclr.py --data /imagenet  # Sec. 2.3: -b 4096 (global), 100 epochs
     torchrun --nnodes=4 --node_rank=R --nproc_per_node=8 --rdzv-endpoint=HOST:29500 simclr.py --data /imagenet

@@ -23,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 6  # 234 steps of batch 64 on 2500 images
-LONGER = {"simsiam": 24, "byol": 12}  # docs/results.md, items 5 and 6
+LONGER = {"simsiam": 24, "byol": 12, "simclr": 12}  # docs/results.md, items 5-7
 METHODS = {  # short-run adaptations, all at the same global batch (-b); why each flag: docs/results.md
     "moco": ["--moco-k", "512", "--moco-m", "0.99", "--mlp", "--moco-t", "0.2", "--aug-plus", "--cos",
              "--bn-splits", "2", "--queue-init", "keys"],
